@@ -1,0 +1,42 @@
+# Two commands do all the set-up: `make run` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.qtrain-installed
+DATA   ?= $(shell [ -d ../shared/data ] && cd ../shared/data && pwd)
+export QTRAIN_DATA ?= $(DATA)
+
+.PHONY: install run test repro-ste-mnist repro-ste-mnist-check bench figures report clean
+
+# Re-install only when the project metadata changes (a second `make` does nothing).
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/qtrain $(ARGS)
+
+test: install
+	$(VENV)/bin/pytest -q $(ARGS)
+
+# [STE] Table 1, MNIST block: float LeNet-5 (trained once per seed, cached) then all 6 cells.
+SEEDS ?= 0,1
+comma := ,
+space := $(subst ,, )
+STE_MNIST := $(subst $(space),$(comma),$(strip $(foreach b,2 4,$(foreach s,identity relu clipped_relu,ste/mnist_lenet5_a$(b)_$(s)))))
+repro-ste-mnist: install
+	$(VENV)/bin/qtrain -m experiment=$(STE_MNIST) seed=$(SEEDS) progress=false $(ARGS)
+
+figures: install
+	$(PY) scripts/theory_figures.py --out docs
+
+report: install
+	$(VENV)/bin/qtrain-report results/ --write RESULTS.md --plot docs/ste_mnist_curves.png
+
+bench: install
+	$(VENV)/bin/qtrain-bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

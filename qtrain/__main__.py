@@ -1,0 +1,3 @@
+from qtrain.cli import main
+
+main()

@@ -1,0 +1,71 @@
+"""The `qtrain` command (also `python -m qtrain`): Hydra entry point only.
+
+Errors meant for the user (bad option values, missing data) print one paragraph and exit 2.
+In a multirun (-m) a failing job is reported and the others still run; the command then exits 1
+and lists the failed jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import textwrap
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from qtrain.errors import QtrainError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+log = logging.getLogger("qtrain")
+_failed_jobs: list[str] = []  # filled by failing multirun jobs, reported when the sweep ends
+# run-directory names: w1a4, wfa2 (f = float)
+OmegaConf.register_new_resolver("bits", lambda b: "f" if b is None else str(b), replace=True)
+
+
+def _say(message: str) -> None:
+    print("qtrain: error: " + textwrap.fill(message, width=100, subsequent_indent="  "), file=sys.stderr)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    from qtrain.run import main_run  # imported here so that `qtrain --help` stays fast
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    choices = OmegaConf.to_container(hc.runtime.choices)
+    choices = {k: v for k, v in choices.items() if not k.startswith("hydra/")}
+    try:
+        main_run(cfg, run_dir, choices)
+    except QtrainError as e:
+        if hc.mode != RunMode.MULTIRUN:
+            _say(str(e))
+            sys.exit(e.exit_code)
+        log.error("job %s failed: %s", hc.job.num, e)
+        _failed_jobs.append(f"#{hc.job.num} {' '.join(hc.overrides.task)}: {e}")
+    except Exception as e:
+        if hc.mode != RunMode.MULTIRUN:
+            raise
+        log.error("job %s failed:\n%s", hc.job.num, traceback.format_exc())
+        _failed_jobs.append(f"#{hc.job.num} {' '.join(hc.overrides.task)}: {type(e).__name__}: {e} (see {run_dir})")
+
+
+def main() -> None:
+    if not (CONFIG_DIR / "config.yaml").exists():
+        _say(f"the config folder {CONFIG_DIR} is missing. qtrain reads its configs from the repository's configs/ "
+             "folder: install it from a checkout with `pip install -e .` (or `make install`).")
+        sys.exit(2)
+    _hydra_main()
+    if _failed_jobs:
+        print(f"qtrain: {len(_failed_jobs)} job(s) of the sweep failed:", file=sys.stderr)
+        for line in _failed_jobs:
+            print("  " + line, file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

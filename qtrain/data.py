@@ -1,0 +1,302 @@
+"""Datasets and batch iterators.
+
+MNIST and CIFAR live in memory as uint8 tensors on the training device. A training epoch slices
+them by a permutation and augments whole batches at once (random crop with zero padding + flip),
+then converts uint8 -> normalised float in one fused step. All randomness of an epoch comes
+from a generator seeded by (seed, epoch), so the batches of epoch k do not depend on what ran
+before: a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from qtrain.errors import DataError
+
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+STATS = {
+    "mnist": ((0.1307,), (0.3081,)),
+    # The [STE] authors' CIFAR code uses these (SPEC §4).
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+@dataclass
+class DataBundle:
+    train: object  # iterable of (x, y) batches with set_epoch(epoch) and len()
+    test: object
+    num_classes: int  # 0 for regression
+    input_shape: tuple
+    task: str = "classification"  # or "regression" (squared loss, no accuracy)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int = 4):
+    """Batched random crop of a zero-padded image plus horizontal flip.
+
+    x: [B, C, H, W] (any dtype); dy, dx: crop offsets in [0, 2*pad]; flip: bool [B].
+    Equivalent per sample to torchvision's RandomCrop(H, padding=pad) + RandomHorizontalFlip.
+    """
+    b, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = dx[:, None] + torch.arange(w, device=x.device)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
+
+
+class TensorLoader:
+    """Batches from tensors that already sit on the device.
+
+    uint8 images are normalised on the fly ((x - 255*mean) / (255*std), one fused op); float
+    inputs (the teacher data) pass through unchanged.
+    """
+
+    def __init__(self, x, y, batch_size, *, train, seed=0, augment=None, mean=None, std=None, device="cpu"):
+        self.x, self.y = x.to(device), y.to(device)
+        self.batch_size, self.train, self.seed, self.augment = int(batch_size), train, seed, augment
+        self.device = torch.device(device)
+        self.epoch = 0
+        if mean is not None:
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            self.shift = (torch.tensor(mean) * 255).view(shape).to(device)
+            self.scale = (1.0 / (torch.tensor(std) * 255)).view(shape).to(device)
+        else:
+            self.shift = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch_size)
+
+    def _normalise(self, xb):
+        if self.shift is None:
+            return xb
+        return (xb.float() - self.shift) * self.scale
+
+    def __iter__(self):
+        n = len(self.x)
+        if not self.train:
+            for i in range(0, n, self.batch_size):
+                yield self._normalise(self.x[i:i + self.batch_size]), self.y[i:i + self.batch_size]
+            return
+        g = epoch_generator(self.seed, self.epoch)
+        order = torch.randperm(n, generator=g).to(self.device)
+        if self.augment == "crop_flip":
+            offsets = torch.randint(0, 9, (2, n), generator=g).to(self.device)
+            flips = (torch.rand(n, generator=g) < 0.5).to(self.device)
+        for i in range(0, n, self.batch_size):
+            idx = order[i:i + self.batch_size]
+            xb = self.x[idx]
+            if self.augment == "crop_flip":
+                xb = crop_flip(xb, offsets[0, i:i + len(idx)], offsets[1, i:i + len(idx)], flips[i:i + len(idx)])
+            yield self._normalise(xb), self.y[idx]
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers
+# ---------------------------------------------------------------------------------------------
+
+
+def _missing(name: str, looked: list[str], expected: str, how: str) -> DataError:
+    places = ", ".join(looked)
+    return DataError(
+        f"{name} was not found (looked at {places}) and cannot be downloaded here. Expected {expected}. "
+        f"{how} Point qtrain at the folder with data.root=/abs/path or the QTRAIN_DATA environment variable."
+    )
+
+
+def _read_idx(path: str) -> np.ndarray:
+    """Read an MNIST idx file (optionally gzipped) into a uint8 array."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def read_mnist(root: str):
+    """(train_x, train_y, test_x, test_y) as tensors, from torchvision's layout <root>/MNIST/raw."""
+    raw = os.path.join(root, "MNIST", "raw")
+
+    def find(stem):
+        for cand in (os.path.join(raw, stem), os.path.join(raw, stem + ".gz")):
+            if os.path.exists(cand):
+                return cand
+        return None
+
+    stems = [s for pair in MNIST_FILES.values() for s in pair]
+    if any(find(s) is None for s in stems):
+        try:  # online machines: let torchvision fetch and verify the files
+            import torchvision
+
+            torchvision.datasets.MNIST(root, train=True, download=True)
+        except Exception:
+            raise _missing("MNIST", [raw], "the four files " + ", ".join(s + "[.gz]" for s in stems),
+                           "Copy them from any torchvision MNIST download (folder MNIST/raw).") from None
+    out = []
+    for images, labels in MNIST_FILES.values():
+        x = torch.from_numpy(_read_idx(find(images)).copy()).unsqueeze(1)
+        y = torch.from_numpy(_read_idx(find(labels)).astype(np.int64))
+        out += [x, y]
+    return tuple(out)
+
+
+def read_cifar(root: str, name: str):
+    """CIFAR-10/100 from <root>/<name>.npz (see shared/data/README.md), else torchvision's files."""
+    npz = os.path.join(root, f"{name}.npz")
+    if os.path.exists(npz):
+        with np.load(npz) as f:
+            arrays = [f[k] for k in ("train_x", "train_y", "test_x", "test_y")]
+    else:
+        import torchvision
+
+        cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+        try:
+            tr, te = cls(root, train=True, download=True), cls(root, train=False, download=True)
+        except Exception:
+            raise _missing(name.upper(), [npz, os.path.join(root, "cifar-*-python")],
+                           f"the array file {name}.npz (train_x uint8 [N,32,32,3], train_y, test_x, test_y) "
+                           "or torchvision's extracted python pickles", "") from None
+        arrays = [tr.data, np.asarray(tr.targets), te.data, np.asarray(te.targets)]
+    tx, ty, vx, vy = arrays
+    to_chw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
+    return to_chw(tx), torch.from_numpy(ty.astype(np.int64)), to_chw(vx), torch.from_numpy(vy.astype(np.int64))
+
+
+def _limit(x, y, limit):
+    return (x, y) if limit is None else (x[:limit], y[:limit])
+
+
+def _resolve_root(root: str) -> str:
+    return os.path.abspath(os.path.expanduser(str(root)))
+
+
+def _image_bundle(name, arrays, num_classes, batch_size, test_batch_size, limit_train, limit_test,
+                  augment, seed, device):
+    tx, ty, vx, vy = arrays
+    tx, ty = _limit(tx, ty, limit_train)
+    vx, vy = _limit(vx, vy, limit_test)
+    mean, std = STATS[name]
+    train = TensorLoader(tx, ty, batch_size, train=True, seed=seed, augment=augment, mean=mean, std=std, device=device)
+    test = TensorLoader(vx, vy, test_batch_size, train=False, mean=mean, std=std, device=device)
+    return DataBundle(train, test, num_classes, tuple(tx.shape[1:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset factories: the `_target_`s of configs/data/*.yaml
+# ---------------------------------------------------------------------------------------------
+
+
+def mnist(root, batch_size=64, test_batch_size=1000, limit_train=None, limit_test=None, augment=None,
+          seed=0, device="cpu"):
+    arrays = read_mnist(_resolve_root(root))
+    return _image_bundle("mnist", arrays, 10, batch_size, test_batch_size, limit_train, limit_test, augment, seed, device)
+
+
+def cifar10(root, batch_size=128, test_batch_size=1000, limit_train=None, limit_test=None, augment="crop_flip",
+            seed=0, device="cpu"):
+    arrays = read_cifar(_resolve_root(root), "cifar10")
+    return _image_bundle("cifar10", arrays, 10, batch_size, test_batch_size, limit_train, limit_test, augment, seed, device)
+
+
+def cifar100(root, batch_size=128, test_batch_size=1000, limit_train=None, limit_test=None, augment="crop_flip",
+             seed=0, device="cpu"):
+    arrays = read_cifar(_resolve_root(root), "cifar100")
+    return _image_bundle("cifar100", arrays, 100, batch_size, test_batch_size, limit_train, limit_test, augment, seed,
+                         device)
+
+
+class _EpochSeededLoader:
+    """A DataLoader whose shuffle order is seeded by (seed, epoch), like TensorLoader."""
+
+    def __init__(self, dataset, batch_size, train, seed, workers, device):
+        self.dataset, self.batch_size, self.train, self.seed = dataset, batch_size, train, seed
+        self.workers, self.device, self.epoch = workers, torch.device(device), 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __iter__(self):
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, shuffle=self.train, num_workers=self.workers,
+            generator=epoch_generator(self.seed, self.epoch), pin_memory=self.device.type == "cuda",
+            persistent_workers=False)
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def imagenet(root, batch_size=256, test_batch_size=256, limit_train=None, limit_test=None, augment="standard",
+             image_size=224, workers=8, seed=0, device="cpu"):
+    """ImageNet as ImageFolders <root>/imagenet/{train,val}, with the standard augmentation."""
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    base = os.path.join(_resolve_root(root), "imagenet")
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(base, split)):
+            raise _missing("ImageNet", [os.path.join(base, split)],
+                           "ImageFolder layouts imagenet/train/<class>/*.JPEG and imagenet/val/<class>/*.JPEG",
+                           "Prepare the validation split in per-class folders (e.g. with the usual valprep script).")
+    mean, std = STATS["imagenet"]
+    norm = T.Normalize(mean, std)
+    train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    test_tf = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(), norm])
+    train_set = ImageFolder(os.path.join(base, "train"), train_tf if augment else test_tf)
+    test_set = ImageFolder(os.path.join(base, "val"), test_tf)
+    if limit_train is not None:
+        train_set = torch.utils.data.Subset(train_set, range(min(limit_train, len(train_set))))
+    if limit_test is not None:
+        test_set = torch.utils.data.Subset(test_set, range(min(limit_test, len(test_set))))
+    classes = len(train_set.dataset.classes if limit_train is not None else train_set.classes)
+    return DataBundle(_EpochSeededLoader(train_set, batch_size, True, seed, workers, device),
+                      _EpochSeededLoader(test_set, test_batch_size, False, seed, workers, device),
+                      classes, (3, image_size, image_size))
+
+
+def teacher_problem(m: int, n: int, seed: int):
+    """The teacher of SPEC §5: w* on the unit sphere and v*, drawn from the seed."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    w_star = torch.randn(n, generator=g, dtype=torch.float64)
+    w_star /= w_star.norm()
+    v_star = torch.randn(m, generator=g, dtype=torch.float64)
+    return w_star, v_star
+
+
+def teacher_outputs(z: torch.Tensor, w_star: torch.Tensor, v_star: torch.Tensor) -> torch.Tensor:
+    """y* = v*^T sigma(Z w*) with sigma(x) = 1{x > 0}; z: [N, m, n]."""
+    return ((z @ w_star) > 0).to(z.dtype) @ v_star
+
+
+def teacher(m=20, n=50, n_train=1000, n_test=10000, batch_size=100, test_batch_size=1000, limit_train=None,
+            limit_test=None, augment=None, seed=0, device="cpu", root=None):
+    """Gaussian inputs Z in R^{m x n} with teacher labels y* = v*^T sigma(Z w*) (squared loss)."""
+    w_star, v_star = teacher_problem(m, n, seed)
+    g = torch.Generator().manual_seed(20_000 + seed)
+    tx = torch.randn(n_train if limit_train is None else limit_train, m, n, generator=g, dtype=torch.float64)
+    vx = torch.randn(n_test if limit_test is None else limit_test, m, n, generator=g, dtype=torch.float64)
+    ty, vy = teacher_outputs(tx, w_star, v_star), teacher_outputs(vx, w_star, v_star)
+    f32 = lambda t: t.float()  # noqa: E731
+    train = TensorLoader(f32(tx), f32(ty), batch_size, train=True, seed=seed, device=device)
+    test = TensorLoader(f32(vx), f32(vy), test_batch_size, train=False, device=device)
+    return DataBundle(train, test, 0, (m, n), task="regression")

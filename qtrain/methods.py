@@ -1,0 +1,209 @@
+"""How weights move: float, STE (BinaryConnect), BinaryRelax and BCGD (SPEC §3).
+
+Every method keeps the latent float weights w in the model's parameters between steps (so the
+optimizer, weight decay and checkpoints all act on w) and only swaps in a surrogate u for the
+forward and backward pass. The loop calls, for every batch,
+
+    method.prepare_forward()     # u := surrogate(w), installed into the quantized parameters
+    loss.backward()              # gradient at u (the coarse gradient)
+    method.before_step()         # w restored (BCGD also blends w <- (1-rho) w + rho Q(w))
+    optimizer.step()             # updates w
+    method.after_step()
+
+and ``on_epoch_start`` / ``on_epoch_end`` (which returns scalars to log) around each epoch.
+Evaluation runs inside the contexts of ``evaluations()``: always at the hard-quantized Q(w),
+plus the relaxed u during BinaryRelax phase I. Q(w) is computed once per step per layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from qtrain.errors import ConfigError
+from qtrain.quant import QuantReLU
+
+
+class Float:
+    """No weight quantization: u = w."""
+
+    name = "float"
+    quantizes_weights = False
+
+    def attach(self, model: nn.Module, quantizer=None, names=()) -> None:
+        self.model = model
+        if quantizer is not None and names:
+            raise ConfigError("method=float trains float weights, but wbits is set. Use method=ste, binaryrelax "
+                              "or bcgd for quantized weights, or wbits=null for float weights.")
+
+    def prepare_forward(self):
+        pass
+
+    def before_step(self):
+        pass
+
+    def after_step(self):
+        pass
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch: int) -> dict:
+        alphas = [m.alpha for m in self.model.modules() if isinstance(m, QuantReLU) and isinstance(m.alpha, nn.Parameter)]
+        if not alphas:
+            return {}
+        unique = {id(a): float(a) for a in alphas}.values()
+        return {"alpha/mean": sum(unique) / len(unique)}
+
+    def evaluations(self):
+        """(tag prefix, context) pairs; 'test' is the reported number."""
+        return [("test", contextlib.nullcontext())]
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class STE(Float):
+    """BinaryConnect: forward and backward at u = Q(w); the optimizer updates the latent w."""
+
+    name = "ste"
+    quantizes_weights = True
+
+    def attach(self, model, quantizer=None, names=()):
+        if quantizer is None or not names:
+            raise ConfigError(f"method={self.name} quantizes weights, so it needs wbits (1 = binary, 2 = ternary, "
+                              "k >= 3 = k-bit), e.g. wbits=1; for float weights use method=float.")
+        self.model, self.quantizer = model, quantizer
+        params = dict(model.named_parameters())
+        self.names = list(names)
+        self.params = [params[n] for n in self.names]
+        self._latent = [torch.empty_like(p) for p in self.params]
+        self._q = [torch.empty_like(p) for p in self.params]
+        self._codes_at_epoch_start = None
+
+    # -- the surrogate ---------------------------------------------------------------------------
+    def surrogate(self, w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return q
+
+    @torch.no_grad()
+    def prepare_forward(self):
+        for p, latent, q in zip(self.params, self._latent, self._q):
+            latent.copy_(p)
+            q.copy_(self.quantizer(p))
+            p.copy_(self.surrogate(latent, q))
+
+    @torch.no_grad()
+    def before_step(self):
+        for p, latent in zip(self.params, self._latent):
+            p.copy_(latent)
+
+    # -- evaluation --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _installed(self, relaxed: bool):
+        """Temporarily put Q(w) (or the relaxed u) into the parameters; w is restored after."""
+        saved = [p.detach().clone() for p in self.params]
+        try:
+            with torch.no_grad():
+                for p, w in zip(self.params, saved):
+                    q = self.quantizer(w)
+                    p.copy_(self.surrogate(w, q) if relaxed else q)
+            yield
+        finally:
+            with torch.no_grad():
+                for p, w in zip(self.params, saved):
+                    p.copy_(w)
+
+    def evaluations(self):
+        return [("test", self._installed(relaxed=False))]
+
+    # -- diagnostics -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _codes(self):
+        """Each weight's integer level q / delta (delta = the smallest non-zero |q|), to count changes."""
+        out = []
+        for p in self.params:
+            q = self.quantizer(p)
+            unit = torch.where(q != 0, q.abs(), torch.inf).min()
+            out.append(torch.round(q / unit).to(torch.int16))
+        return out
+
+    def on_epoch_start(self, epoch):
+        super().on_epoch_start(epoch)
+        self._codes_at_epoch_start = self._codes()
+
+    def on_epoch_end(self, epoch):
+        scalars = super().on_epoch_end(epoch)
+        if self._codes_at_epoch_start is not None:
+            now = self._codes()
+            changed = sum(int((a != b).sum()) for a, b in zip(now, self._codes_at_epoch_start))
+            scalars["weights/changed_fraction"] = changed / sum(p.numel() for p in self.params)
+        return scalars
+
+
+class BinaryRelax(STE):
+    """[BR]: phase I at u = (lambda Q(w) + w) / (lambda + 1), lambda = lambda0 * growth^epoch;
+    from ``phase2_epoch`` on, phase II at u = Q(w). Defaults: the authors' notebook."""
+
+    name = "binaryrelax"
+
+    def __init__(self, lambda0: float = 1.0, growth: float = 1.04, phase2_epoch: int = 150):
+        if lambda0 <= 0 or growth < 1:
+            raise ConfigError(f"binaryrelax needs lambda0 > 0 and growth >= 1 (got {lambda0}, {growth}).")
+        self.lambda0, self.growth, self.phase2_epoch = lambda0, growth, int(phase2_epoch)
+        self.lam = lambda0
+        self.epoch = 0
+
+    @property
+    def phase(self) -> int:
+        return 1 if self.epoch < self.phase2_epoch else 2
+
+    def on_epoch_start(self, epoch):
+        super().on_epoch_start(epoch)
+        self.lam = self.lambda0 * self.growth ** min(epoch, self.phase2_epoch)
+
+    def surrogate(self, w, q):
+        if self.phase == 2:
+            return q
+        return (self.lam * q + w) / (self.lam + 1)
+
+    def evaluations(self):
+        evals = super().evaluations()
+        if self.phase == 1:
+            evals.append(("test_relaxed", self._installed(relaxed=True)))
+        return evals
+
+    def on_epoch_end(self, epoch):
+        return {**super().on_epoch_end(epoch), "binaryrelax/lambda": self.lam, "binaryrelax/phase": self.phase}
+
+    def state_dict(self):
+        return {"lam": self.lam, "epoch": self.epoch}
+
+    def load_state_dict(self, state):
+        self.lam, self.epoch = state["lam"], state["epoch"]
+
+
+class BCGD(STE):
+    """[BCGD]: gradient at Q(w); before each step blend w <- (1 - rho) w + rho Q(w).
+
+    So w+ = (1 - rho) w + rho Q(w) - lr * grad f(Q(w)) for plain SGD; rho = 0 is BinaryConnect.
+    """
+
+    name = "bcgd"
+
+    def __init__(self, rho: float = 1e-5):
+        if not 0 <= rho <= 1:
+            raise ConfigError(f"bcgd needs 0 <= rho <= 1, got {rho}.")
+        self.rho = rho
+
+    @torch.no_grad()
+    def before_step(self):
+        for p, latent, q in zip(self.params, self._latent, self._q):
+            p.copy_(latent.mul_(1 - self.rho).add_(q, alpha=self.rho))
+
+    def on_epoch_end(self, epoch):
+        return {**super().on_epoch_end(epoch), "bcgd/rho": self.rho}
