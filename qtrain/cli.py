@@ -28,7 +28,8 @@ OmegaConf.register_new_resolver("bits", lambda b: "f" if b is None else str(b), 
 
 
 def _say(message: str) -> None:
-    print("qtrain: error: " + textwrap.fill(message, width=100, subsequent_indent="  "), file=sys.stderr)
+    print("qtrain: error: " + textwrap.fill(message, width=100, subsequent_indent="  ", break_long_words=False,
+                                                 break_on_hyphens=False), file=sys.stderr)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")

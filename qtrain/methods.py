@@ -54,7 +54,7 @@ class Float:
         alphas = [m.alpha for m in self.model.modules() if isinstance(m, QuantReLU) and isinstance(m.alpha, nn.Parameter)]
         if not alphas:
             return {}
-        unique = {id(a): float(a) for a in alphas}.values()
+        unique = {id(a): float(a.detach()) for a in alphas}.values()
         return {"alpha/mean": sum(unique) / len(unique)}
 
     def evaluations(self):

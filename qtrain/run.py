@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from qtrain import record
 from qtrain.errors import ConfigError, QtrainError
-from qtrain.quant import ActLayer, clamp_learned_alphas, make_weight_quantizer, quantized_weight_names, resolve_alpha
+from qtrain.quant import QUANT_LAYER_RULES, ActLayer, clamp_learned_alphas, make_weight_quantizer, quantized_weight_names, resolve_alpha
 from qtrain.summary import distinct_values, format_summary, model_summary
 from qtrain.train import Classification, Regression, fit
 
@@ -56,6 +57,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"device must be auto, cpu or cuda, got {cfg.device!r}.")
     if cfg.precision not in ("fp32", "bf16"):
         raise ConfigError(f"precision must be fp32 or bf16, got {cfg.precision!r}.")
+    if cfg.quant_layers not in QUANT_LAYER_RULES:
+        raise ConfigError(f"quant_layers must be one of {', '.join(QUANT_LAYER_RULES)}, got {cfg.quant_layers!r}.")
+    if cfg.wquant not in ("exact", "approx"):
+        raise ConfigError(f"wquant must be exact or approx, got {cfg.wquant!r}.")
     for key in ("limit_train", "limit_test", "batch_size"):
         v = cfg.data.get(key)
         if v is not None and (not isinstance(v, int) or v < 1):
@@ -86,17 +91,27 @@ def build_act_layer(cfg: DictConfig) -> ActLayer:
                     alpha_clamp=tuple(a.alpha_clamp), share_block_alpha=a.share_block_alpha, proxy=proxy)
 
 
+def _instantiate(node, **kwargs):
+    """hydra's instantiate, but our own errors (missing data, bad values) come out unwrapped."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, QtrainError):
+            raise e.__cause__ from None
+        raise
+
+
 def build(cfg: DictConfig, device: torch.device):
     """data, model, method, optimizer, scheduler and task for ``cfg`` (nothing trained yet)."""
-    data = instantiate(cfg.data, seed=cfg.seed, device=device)
+    data = _instantiate(cfg.data, seed=cfg.seed, device=device)
     # _partial_: Hydra would turn the ActLayer dataclass into a config if passed to instantiate.
-    make_model = instantiate(cfg.model, _partial_=True, num_classes=data.num_classes, input_shape=data.input_shape)
+    make_model = _instantiate(cfg.model, _partial_=True, num_classes=data.num_classes, input_shape=data.input_shape)
     model = make_model(act_layer=build_act_layer(cfg)).to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    quantizer = make_weight_quantizer(cfg.wbits, cfg.ternary_rule)
+    quantizer = make_weight_quantizer(cfg.wbits, cfg.wquant)
     names = quantized_weight_names(model, cfg.quant_layers) if quantizer else []
-    method = instantiate(cfg.method)
+    method = _instantiate(cfg.method)
     method.attach(model, quantizer, names)
     optimizer = instantiate(cfg.optim)(model.parameters())
     optimizer.register_step_post_hook(lambda *_: clamp_learned_alphas(model))
@@ -117,7 +132,7 @@ def fingerprint(cfg: DictConfig) -> str:
     if c.get("abits") is None:  # float activations: the STE and alpha settings cannot matter
         drop += ["ste", "act"]
     if c.get("wbits") is None:
-        drop += ["quant_layers", "ternary_rule"]
+        drop += ["quant_layers", "wquant"]
     for k in drop:
         c.pop(k, None)
     c.get("data", {}).pop("root", None)

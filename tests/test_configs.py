@@ -1,0 +1,83 @@
+"""Every option of every config group composes and instantiates; every experiment file composes."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from qtrain.run import build, build_act_layer, float_config, fingerprint
+
+from .conftest import CONFIG_DIR
+
+
+def options(group):
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+def experiments():
+    base = Path(CONFIG_DIR) / "experiment"
+    return sorted(str(p.relative_to(base).with_suffix("")) for p in base.glob("**/*.yaml"))
+
+
+def test_every_group_has_options():
+    for group in ("data", "model", "ste", "method", "optim", "sched"):
+        assert options(group), group
+    assert len([e for e in experiments() if e.startswith("ste/")]) == 18
+
+
+@pytest.mark.parametrize("ste", options("ste"))
+@pytest.mark.parametrize("model", [m for m in options("model") if m != "twolayer"])
+def test_models_with_every_ste_build_and_run(make_cfg, model, ste):
+    cfg = make_cfg(f"model={model}", f"ste={ste}", "abits=2")
+    shape = (1, 28, 28) if model == "lenet5" else (3, 32, 32)
+    net = instantiate(cfg.model, _partial_=True, num_classes=10, input_shape=shape)(act_layer=build_act_layer(cfg))
+    x = torch.randn(4, *shape, requires_grad=True)
+    net(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("method", options("method"))
+@pytest.mark.parametrize("optim", options("optim"))
+@pytest.mark.parametrize("sched", options("sched"))
+def test_methods_optimizers_schedulers_build(make_cfg, mnist_root, method, optim, sched):
+    wbits = "null" if method == "float" else "1"
+    cfg = make_cfg(f"method={method}", f"optim={optim}", f"sched={sched}", f"wbits={wbits}",
+                   f"data.root={mnist_root}", "data.limit_train=64", "data.limit_test=64")
+    data, model, m, opt, sch, task, names = build(cfg, torch.device("cpu"))
+    assert m.name == method and isinstance(opt, torch.optim.Optimizer)
+    assert bool(names) == (method != "float")
+
+
+@pytest.mark.parametrize("data", options("data"))
+def test_every_dataset_builds(make_cfg, mnist_root, fake_cifar_root, fake_imagenet_root, data):
+    root = {"mnist": mnist_root, "imagenet": fake_imagenet_root}.get(data, fake_cifar_root)
+    model = {"teacher": "twolayer", "imagenet": "resnet18", "mnist": "lenet5"}.get(data, "resnet20")
+    extra = ["data.image_size=32", "data.workers=0"] if data == "imagenet" else []
+    cfg = make_cfg(f"data={data}", f"model={model}", f"data.root={root}", "data.limit_train=8", "data.limit_test=8",
+                   *extra)
+    bundle, net, *_ = build(cfg, torch.device("cpu"))
+    x, y = next(iter(bundle.train))
+    assert tuple(x.shape[1:]) == tuple(bundle.input_shape) and len(y) == len(x)
+    out = net(x)
+    assert out.shape[0] == len(x)
+
+
+@pytest.mark.parametrize("name", experiments())
+def test_every_experiment_composes(make_cfg, name):
+    cfg = make_cfg(f"experiment={name}")
+    OmegaConf.resolve(cfg)
+    assert cfg.paper is None or "source" in cfg.paper
+    assert cfg.init == "float" and cfg.epochs >= 1
+    # the float model it starts from has float weights/activations and its own fingerprint
+    fcfg = float_config(cfg)
+    assert fcfg.abits is None and fcfg.wbits is None and fcfg.method._target_.endswith("Float")
+    assert fingerprint(fcfg) != fingerprint(cfg)
+
+
+def test_float_model_shared_across_stes(make_cfg):
+    """All cells of one table row start from the same cached float model."""
+    a = float_config(make_cfg("experiment=ste/mnist_lenet5_a2_identity"))
+    b = float_config(make_cfg("experiment=ste/mnist_lenet5_a4_clipped_relu"))
+    assert fingerprint(a) == fingerprint(b)
