@@ -9,6 +9,7 @@ before: a resumed run sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from dataclasses import dataclass
@@ -132,6 +133,7 @@ def _read_idx(path: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
+@functools.lru_cache(maxsize=2)  # a sweep reads the same files once (the tensors are never modified)
 def read_mnist(root: str):
     """(train_x, train_y, test_x, test_y) as tensors, from torchvision's layout <root>/MNIST/raw."""
     raw = os.path.join(root, "MNIST", "raw")
@@ -159,6 +161,7 @@ def read_mnist(root: str):
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=2)
 def read_cifar(root: str, name: str):
     """CIFAR-10/100 from <root>/<name>.npz (see shared/data/README.md), else torchvision's files."""
     npz = os.path.join(root, f"{name}.npz")

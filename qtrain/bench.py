@@ -1,0 +1,222 @@
+"""`qtrain-bench`: what quantized training costs relative to float training, measured in one process.
+
+    qtrain-bench --model resnet20 --data cifar10 --batch-size 128 --device cpu --json bench.json
+
+Each variant is built from the real config (the same code path as `qtrain`) and its training step
+(method hooks, forward, backward, optimizer step: train.train_one_epoch over a fixed batch) is
+timed after warm-up. Variants are interleaved, round after round, so machine noise hits them all
+alike; the table gives the median step time over rounds and the ratio to float measured in the
+same run. The real data pipeline (load + augment + normalise, one epoch) is timed separately,
+beside a torchvision DataLoader baseline with per-sample transforms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from qtrain.cli import CONFIG_DIR
+from qtrain.train import train_one_epoch
+
+VARIANTS = {
+    "float": ["abits=null", "wbits=null", "method=float"],
+    "a4 (float weights)": ["abits=4", "wbits=null", "method=float"],
+    "w1a4 ste": ["abits=4", "wbits=1", "method=ste"],
+    "w1a4 binaryrelax": ["abits=4", "wbits=1", "method=binaryrelax"],
+    "w1a4 bcgd": ["abits=4", "wbits=1", "method=bcgd"],
+    "w1a4 bcgd learned-alpha": ["abits=4", "wbits=1", "method=bcgd", "act.learn_alpha=true"],
+}
+
+
+class RepeatBatch:
+    """A loader that yields the same device-resident batch ``steps`` times."""
+
+    def __init__(self, x, y, steps):
+        self.x, self.y, self.steps = x, y, steps
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            yield self.x, self.y
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_cfg(args, overrides):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"model={args.model}", f"data={args.data}",
+                                                        f"data.batch_size={args.batch_size}", *overrides])
+    with open_dict(cfg):
+        cfg.device, cfg.progress = args.device, False
+        cfg.precision, cfg.compile, cfg.channels_last = args.precision, args.compile, args.channels_last
+        if args.data_root:
+            cfg.data.root = args.data_root
+        cfg.data.limit_train = cfg.data.limit_test = args.batch_size  # the step timing needs one batch
+    return cfg
+
+
+def build_variant(args, overrides, device):
+    from qtrain.run import build  # after hydra is set up
+
+    cfg = make_cfg(args, overrides)
+    data, model, method, optimizer, scheduler, task, _ = build(cfg, device)
+    x, y = next(iter(data.train))
+    if cfg.channels_last and device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    train_model = torch.compile(model) if cfg.compile else model
+    amp = torch.bfloat16 if cfg.precision == "bf16" else None
+    return lambda steps: train_one_epoch(train_model, method, optimizer, RepeatBatch(x, y, steps), task, device, amp)
+
+
+def time_steps(step, steps, device):
+    sync(device)
+    t = time.perf_counter()
+    step(steps)
+    sync(device)
+    return (time.perf_counter() - t) / steps
+
+
+def bench_steps(args, device):
+    steppers = {name: build_variant(args, ov, device) for name, ov in VARIANTS.items() if name in args.variants}
+    for step in steppers.values():  # warm-up (and compilation)
+        step(args.warmup)
+    times = {name: [] for name in steppers}
+    peaks = {name: 0 for name in steppers}
+    for _ in range(args.rounds):
+        for name, step in steppers.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times[name].append(time_steps(step, args.steps, device))
+            if device.type == "cuda":
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device))
+    base = statistics.median(times["float"]) if "float" in times else None
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"variant": name, "median_step_ms": 1e3 * med, "min_step_ms": 1e3 * min(ts),
+                     "images_per_s": args.batch_size / med, "ratio_to_float": med / base if base else None,
+                     "peak_mem_mib": peaks[name] / 2**20 if device.type == "cuda" else None})
+    return rows
+
+
+def bench_data(args, device):
+    """One epoch of the real training pipeline, and a torchvision DataLoader baseline."""
+    from qtrain.run import _instantiate
+
+    cfg = make_cfg(args, [])
+    with open_dict(cfg):
+        cfg.data.limit_train = cfg.data.limit_test = None
+    try:
+        data = _instantiate(cfg.data, seed=0, device=device)
+    except Exception as e:  # no data here: say so and carry on
+        return {"error": f"data pipeline not timed: {e}"}
+    loader = data.train
+    loader.set_epoch(0)
+    sync(device)
+    t = time.perf_counter()
+    n = 0
+    for x, _ in loader:
+        n += len(x)
+    sync(device)
+    ours = time.perf_counter() - t
+    out = {"images": n, "qtrain_epoch_s": ours, "qtrain_images_per_s": n / ours}
+    if hasattr(loader, "x") and loader.x.dim() == 4:
+        out.update(torchvision_baseline(loader, args, device))
+    return out
+
+
+def torchvision_baseline(loader, args, device, batches=50):
+    """Per-sample PIL-free tensor transforms in a DataLoader (the usual recipe), timed on a few batches."""
+    import torchvision.transforms.v2 as T
+
+    mean, std = loader.shift.flatten() / 255, 1 / (loader.scale.flatten() * 255)
+    steps = [T.RandomCrop(loader.x.shape[-1], padding=4), T.RandomHorizontalFlip()] if loader.augment else []
+    tf = T.Compose([*steps, T.ToDtype(torch.float32, scale=True), T.Normalize(mean.tolist(), std.tolist())])
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(loader.x)
+
+        def __getitem__(self, i):
+            return tf(loader.x[i].cpu()), loader.y[i].cpu()
+
+    dl = torch.utils.data.DataLoader(DS(), batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
+    t, n = time.perf_counter(), 0
+    for i, (x, _) in enumerate(dl):
+        x = x.to(device)
+        n += len(x)
+        if i + 1 == batches:
+            break
+    sync(device)
+    rate = n / (time.perf_counter() - t)
+    return {"torchvision_images_per_s": rate, "torchvision_workers": args.workers,
+            "torchvision_epoch_s_extrapolated": len(loader.x) / rate}
+
+
+def machine(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="qtrain-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--data", default="cifar10")
+    p.add_argument("--data-root", default=None, help="default: $QTRAIN_DATA")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed block")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"subset of: {', '.join(VARIANTS)}")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--no-data", action="store_true", help="skip the data-pipeline timing")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the torchvision baseline")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown or "float" not in args.variants:
+        p.error(f"--variants must include float and come from: {', '.join(VARIANTS)} (unknown: {unknown})")
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    rows = bench_steps(args, device)
+    data = None if args.no_data else bench_data(args, device)
+    info = {"machine": machine(device), "torch": torch.__version__, "command": "qtrain-bench " + " ".join(
+        sys.argv[1:] if argv is None else argv), "model": args.model, "data": args.data, "batch_size": args.batch_size,
+        "precision": args.precision, "compile": args.compile, "steps": args.steps, "rounds": args.rounds,
+        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    print(f"# {info['command']}\n# {info['machine']}, torch {info['torch']}, {args.model}/{args.data}, "
+          f"batch {args.batch_size}, {args.precision}{', compiled' if args.compile else ''}; "
+          f"median of {args.rounds} interleaved rounds of {args.steps} steps")
+    print("| variant | median step (ms) | images/s | × float | peak GPU mem (MiB) |\n|---|---|---|---|---|")
+    for r in rows:
+        peak = "—" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
+        print(f"| {r['variant']} | {r['median_step_ms']:.2f} | {r['images_per_s']:,.0f} | {r['ratio_to_float']:.2f} "
+              f"| {peak} |")
+    if data:
+        print(f"data pipeline: {json.dumps(data)}")
+    if args.json:
+        args.json.write_text(json.dumps({"info": info, "steps": rows, "data": data}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""`qtrain-report`: paper tables from run directories.
+
+    qtrain-report results/                          print the tables (markdown)
+    qtrain-report results/ --write RESULTS.md       regenerate RESULTS.md
+    qtrain-report results/ --plot docs/curves.png --match ste/mnist   per-epoch curves
+    qtrain-report --collect outputs/repro --into results/ste_mnist   copy the small files of
+                                                    finished runs (result.json, metrics.jsonl,
+                                                    overrides.yaml) into the repository
+
+Runs of one experiment file are grouped over seeds (mean ± std, n). Runs that did not finish
+or used data.limit_* are listed apart and never mixed into a reproduction row. Every experiment
+file with a paper number gets a row; rows without runs say "not run" and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = ROOT / "configs" / "experiment"
+NOTES = "results/NOTES.md"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading runs
+# ---------------------------------------------------------------------------------------------
+
+
+def read_runs(paths: list[Path]) -> list[dict]:
+    """Every run directory below ``paths``: finished ones from result.json, others from metrics.jsonl."""
+    runs = []
+    for base in paths:
+        for metrics in sorted(Path(base).glob("**/metrics.jsonl")):
+            d = metrics.parent
+            rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+            result = json.loads((d / "result.json").read_text()) if (d / "result.json").exists() else None
+            overrides = d / ".hydra" / "overrides.yaml"
+            overrides = overrides if overrides.exists() else d / "overrides.yaml"
+            runs.append({"dir": d, "rows": rows, "result": result,
+                         "overrides": yaml.safe_load(overrides.read_text()) if overrides.exists() else None})
+    return runs
+
+
+def experiment_of(run: dict) -> str | None:
+    if run["result"]:
+        return (run["result"].get("choices") or {}).get("experiment")
+    for o in run["overrides"] or []:
+        if o.startswith("experiment="):
+            return o.split("=", 1)[1]
+    return None
+
+
+def is_reproduction(run: dict) -> bool:
+    r = run["result"]
+    return bool(r) and r.get("status") == "complete" and not r.get("data_limited")
+
+
+def paper_experiments() -> dict[str, dict]:
+    """experiment id -> its paper block, from the repository's experiment files."""
+    out = {}
+    for f in sorted(EXPERIMENTS.glob("**/*.yaml")):
+        cfg = yaml.safe_load(f.read_text()) or {}
+        if cfg.get("paper"):
+            out[str(f.relative_to(EXPERIMENTS).with_suffix(""))] = {**cfg["paper"], "_data": _data_of(cfg)}
+    return out
+
+
+def _data_of(cfg: dict) -> str:
+    for d in cfg.get("defaults", []):
+        if isinstance(d, dict) and "override /data" in d:
+            return d["override /data"]
+    return "?"
+
+
+def not_run_reason(data: str) -> str:
+    if data == "imagenet":
+        return "not run: needs ImageNet (not available on these machines)"
+    if data.startswith("cifar"):
+        return "not run: needs a GPU (200-epoch schedule; no GPU was lent to the session)"
+    return "not run yet"
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------------------------
+
+
+def mean_std(values: list[float], digits: int = 2) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f} (n=1)"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f} (n={len(values)})"
+
+
+def fmt(v, spec=".2f"):
+    return "—" if v is None else format(v, spec)
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def table_rows(runs: list[dict], papers: dict[str, dict]) -> dict[str, list[str]]:
+    """paper table name -> markdown rows."""
+    groups = defaultdict(list)
+    for run in runs:
+        if is_reproduction(run) and experiment_of(run):
+            groups[experiment_of(run)].append(run["result"])
+    tables = defaultdict(list)
+    for exp, paper in papers.items():
+        results = groups.get(exp, [])
+        ref = paper.get("acc")
+        ref_text = fmt(ref) if ref is not None else (f"band {paper['sanity_band']:.2f}" if paper.get("sanity_band")
+                                                      else "—")
+        loss_text = str(paper.get("loss", "—"))
+        if not results:
+            tables[paper["table"]].append(f"| {exp} | {ref_text} | {loss_text} | {not_run_reason(paper['_data'])} "
+                                          "| | | | | | |")
+            continue
+        final = [r["final_test_acc"] for r in results]
+        best = [r["best_test_acc"] for r in results]
+        losses = [r["final_train_loss"] for r in results]
+        target = ref if ref is not None else paper.get("sanity_band")
+        diff = f"{statistics.mean(final) - target:+.2f}" if target is not None else "—"
+        devices = sorted({r["device"] for r in results})
+        wall = statistics.mean(r["wall_time_s"] for r in results)
+        speed = statistics.mean(r["train_images_per_s"] for r in results)
+        tables[paper["table"]].append(
+            f"| {exp} | {ref_text} | {loss_text} | {mean_std(final)} | {mean_std(best)} | {diff} | "
+            f"{statistics.mean(losses):.2e} | {results[0]['epochs']} | {'; '.join(devices)} | {duration(wall)} | "
+            f"{speed:,.0f} |")
+    return tables
+
+
+HEADER = ("| experiment | paper acc | paper train loss | ours: final acc | ours: best-epoch acc | Δ final − paper | "
+          "ours: final train loss | epochs | device | wall time (mean) | train img/s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def float_rows(runs: list[dict]) -> list[str]:
+    rows = []
+    for run in runs:
+        r = run["result"]
+        if is_reproduction(run) and not experiment_of(run) and r["config"].get("abits") is None \
+                and r["config"].get("wbits") is None:
+            c = r["config"]
+            rows.append(f"| {c['data']['_target_'].split('.')[-1]} | {c['model']['_target_'].split('.')[-1]} | "
+                        f"{c['seed']} | {r['final_test_acc']:.2f} | {r['best_test_acc']:.2f} | "
+                        f"{r['final_train_loss']:.2e} | {r['epochs']} | {r['device']} | {duration(r['wall_time_s'])} |")
+    return sorted(rows)
+
+
+def other_rows(runs: list[dict]) -> list[str]:
+    rows = []
+    for run in runs:
+        if is_reproduction(run):
+            continue
+        r = run["result"]
+        status = "incomplete" if not r else ("data-limited" if r.get("data_limited") else r.get("status", "?"))
+        last = run["rows"][-1] if run["rows"] else {}
+        rows.append(f"| {run['dir'].name} | {experiment_of(run) or '—'} | {status} | {last.get('epoch', 0)} | "
+                    f"{fmt(last.get('test/acc'))} |")
+    return rows
+
+
+def report(paths: list[Path]) -> str:
+    runs = read_runs(paths)
+    papers = paper_experiments()
+    tables = table_rows(runs, papers)
+    out = []
+    for name in sorted(tables):
+        out += [f"### {name}", "", HEADER, *tables[name], ""]
+    floats = float_rows(runs)
+    if floats:
+        out += ["### Float starting points (init=float)", "",
+                "| data | model | seed | final acc | best acc | final train loss | epochs | device | wall time |",
+                "|---|---|---|---|---|---|---|---|---|", *floats, ""]
+    others = other_rows(runs)
+    if others:
+        out += ["### Runs that are not reproductions (incomplete or data-limited)", "",
+                "| run | experiment | status | epochs done | last test acc |", "|---|---|---|---|---|", *others, ""]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plot and collect
+# ---------------------------------------------------------------------------------------------
+
+
+def plot(paths: list[Path], out: Path, match: str | None) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in read_runs(paths) if r["rows"] and (match is None or match in (experiment_of(r) or ""))]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for run in sorted(runs, key=lambda r: experiment_of(r) or ""):
+        seed = (run["result"] or {}).get("config", {}).get("seed", "?")
+        label = f"{(experiment_of(run) or run['dir'].name).split('/')[-1]} s{seed}"
+        epochs = [x["epoch"] for x in run["rows"]]
+        ax_acc.plot(epochs, [x.get("test/acc") for x in run["rows"]], label=label, lw=1)
+        ax_loss.plot(epochs, [x.get("train/loss") for x in run["rows"]], label=label, lw=1)
+    ax_acc.set_ylabel("test accuracy (%)")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.set_yscale("log")
+    for ax in (ax_acc, ax_loss):
+        ax.set_xlabel("epoch")
+    ax_acc.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return len(runs)
+
+
+def collect(src: Path, dest: Path) -> int:
+    """Copy the small files of every finished run below ``src`` into ``dest`` (same sub-paths)."""
+    n = 0
+    for result in sorted(src.glob("**/result.json")):
+        d = result.parent
+        target = dest / d.relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("result.json", "metrics.jsonl"):
+            shutil.copy2(d / name, target / name)
+        if (d / ".hydra" / "overrides.yaml").exists():
+            shutil.copy2(d / ".hydra" / "overrides.yaml", target / "overrides.yaml")
+        n += 1
+    return n
+
+
+def write_results_md(path: Path, tables: str, paths: list[Path]) -> None:
+    """RESULTS.md = the generated tables between markers, hand-written text around them kept."""
+    begin, end = "<!-- qtrain-report:begin -->", "<!-- qtrain-report:end -->"
+    block = f"{begin}\n<!-- generated by: qtrain-report {' '.join(map(str, paths))} --write {path} -->\n\n{tables}\n{end}"
+    text = path.read_text() if path.exists() else f"# Results\n\n{begin}\n{end}\n"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1] if end in rest else ""
+    path.write_text(head + block + tail)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="qtrain-report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="*", type=Path, help="folders holding run directories (default: results/)")
+    p.add_argument("--write", type=Path, help="regenerate this markdown file's generated block (e.g. RESULTS.md)")
+    p.add_argument("--plot", type=Path, help="write a PNG of test accuracy and training loss per epoch")
+    p.add_argument("--match", help="with --plot: only runs whose experiment contains this text")
+    p.add_argument("--collect", type=Path, help="copy finished runs' small files from this folder ...")
+    p.add_argument("--into", type=Path, help="... into this one")
+    args = p.parse_args(argv)
+    if args.collect:
+        if not args.into:
+            p.error("--collect needs --into")
+        print(f"collected {collect(args.collect, args.into)} runs into {args.into}")
+        return
+    paths = args.paths or [Path("results")]
+    missing = [str(x) for x in paths if not x.exists()]
+    if missing:
+        print(f"qtrain-report: error: no such folder: {', '.join(missing)}", file=sys.stderr)
+        sys.exit(2)
+    tables = report(paths)
+    if args.write:
+        write_results_md(args.write, tables, paths)
+        print(f"wrote {args.write}")
+    else:
+        print(tables)
+    if args.plot:
+        print(f"plotted {plot(paths, args.plot, args.match)} runs into {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

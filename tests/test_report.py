@@ -1,0 +1,55 @@
+"""qtrain-report: grouping over seeds, separation of limited/incomplete runs, not-run rows, RESULTS.md."""
+
+import json
+
+from qtrain import report
+
+EXP = "ste/mnist_lenet5_a2_relu"
+
+
+def fake_run(root, name, seed, acc, limited=False, complete=True):
+    d = root / name
+    d.mkdir(parents=True)
+    rows = [{"epoch": 1, "test/acc": acc - 1, "train/loss": 0.1}, {"epoch": 2, "test/acc": acc, "train/loss": 0.05}]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if complete:
+        result = {"status": "complete", "final_test_acc": acc, "best_test_acc": acc + 0.1, "final_train_loss": 0.05,
+                  "epochs": 2, "data_limited": limited, "device": "cpu (x86_64, 1 threads)", "wall_time_s": 120.0,
+                  "train_images_per_s": 4000.0, "choices": {"experiment": EXP}, "config": {"seed": seed}}
+        (d / "result.json").write_text(json.dumps(result))
+    return d
+
+
+def test_groups_seeds_and_keeps_limited_runs_apart(tmp_path):
+    fake_run(tmp_path, "a", 0, 99.0)
+    fake_run(tmp_path, "b", 1, 99.4)
+    fake_run(tmp_path, "c", 2, 50.0, limited=True)
+    fake_run(tmp_path, "d", 3, 10.0, complete=False)
+    text = report.report([tmp_path])
+    (row,) = [line for line in text.splitlines() if line.startswith(f"| {EXP} |")]
+    assert "99.20 ± 0.28 (n=2)" in row and "99.30 ± 0.28 (n=2)" in row  # final and best-epoch
+    assert "| 99.24 |" in row and "-0.04" in row  # the paper's number from the experiment file, and the gap
+    others = text.split("not reproductions")[1]
+    assert "data-limited" in others and "incomplete" in others
+    # every other experiment with a paper number gets a 'not run' row with a reason
+    assert "| ste/cifar10_resnet20_a4_clipped_relu | 91.24 | 0.04 | not run: needs a GPU" in text
+    assert "| bcgd/imagenet_resnet18_w1a4_all | 64.36 | — | not run: needs ImageNet" in text
+    assert "band 89.98" in text  # the PARQ sanity band is labelled as a band, not a paper number
+
+
+def test_write_keeps_hand_written_text(tmp_path):
+    fake_run(tmp_path / "runs", "a", 0, 99.0)
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\nintro\n\n<!-- qtrain-report:begin -->\nold\n<!-- qtrain-report:end -->\n\nnotes\n")
+    report.main([str(tmp_path / "runs"), "--write", str(md), "--plot", str(tmp_path / "c.png")])
+    text = md.read_text()
+    assert "intro" in text and "notes" in text and "old" not in text and EXP in text
+    assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_collect_copies_small_files(tmp_path):
+    fake_run(tmp_path / "out", "x/y", 0, 98.0)
+    fake_run(tmp_path / "out", "z", 0, 98.0, complete=False)
+    assert report.collect(tmp_path / "out", tmp_path / "results") == 1
+    assert (tmp_path / "results" / "x" / "y" / "result.json").exists()
+    assert not (tmp_path / "results" / "x" / "y" / "checkpoints").exists()
