@@ -304,8 +304,9 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
         "config": resolved,
     }
     recorder.write_result(result)
-    log.info("done: final test acc %s, best %s (epoch %s), %.0f s", result["final_test_acc"],
-             result["best_test_acc"], result["best_epoch"], result["wall_time_s"])
+    key = "acc" if result["final_test_acc"] is not None else "loss"
+    log.info("done: final test %s %.6g, best %.6g (epoch %s), %.0f s", key, result[f"final_test_{key}"],
+             result[f"best_test_{key}"], result["best_epoch"], result["wall_time_s"])
     return result
 
 
