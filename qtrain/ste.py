@@ -30,24 +30,35 @@ ALPHA_GRADS = ("mean", "exact")
 def staircase(x: torch.Tensor, alpha: torch.Tensor, bits: int, rounding: str = "ceil") -> torch.Tensor:
     """sigma_alpha(x) = k*alpha with k = clamp(ceil(x/alpha), 0, 2^b - 1) (or round-to-nearest).
 
-    Computed in float32 even under autocast, so the levels are exactly k*alpha.
+    Computed in float32 even under autocast, so the levels are exactly k*alpha. One new tensor,
+    the rest in place (on a CPU, fresh large allocations cost more than the arithmetic).
     """
-    top = 2**bits - 1
-    scaled = x.float() / alpha.float()
-    k = torch.ceil(scaled) if rounding == "ceil" else torch.floor(scaled + 0.5)
-    return (k.clamp_(0, top) * alpha.float()).to(x.dtype)
+    a = alpha.float()
+    k = x.float() / a
+    k = k.ceil_() if rounding == "ceil" else k.add_(0.5).floor_()
+    return k.clamp_(0, 2**bits - 1).mul_(a).to(x.dtype)
+
+
+def indicator(compare, x: torch.Tensor, bound) -> torch.Tensor:
+    """1.0 where compare(x, bound) holds, else 0.0, as a float tensor like x.
+
+    Writing the comparison straight into a float tensor is several times faster on a CPU than a
+    bool mask followed by masked_fill / where / a dtype conversion (measured: docs/BENCHMARKS.md).
+    """
+    return compare(x, bound, out=torch.empty_like(x))
 
 
 def _alpha_grad(grad_out, x, alpha, bits, mode):
     """d sigma / d alpha under the chosen proxy, summed into alpha's shape (a scalar)."""
     top = 2**bits - 1
-    xa = x.float()
     a = alpha.float()
+    g, xf = grad_out.float(), x.float()
     if mode == "mean":  # 0 for x <= 0, 2^(b-1) inside the range, 2^b - 1 beyond
-        d = torch.where(xa <= 0, 0.0, torch.where(xa <= top * a, float(2 ** (bits - 1)), float(top)))
+        inside = indicator(torch.gt, xf, 0).mul_(indicator(torch.le, xf, top * a))
+        total = 2 ** (bits - 1) * inside.mul_(g).sum() + top * indicator(torch.gt, xf, top * a).mul_(g).sum()
     else:  # "exact": the level index ceil(x/alpha), clamped; the a.e. derivative of k*alpha
-        d = torch.ceil(xa / a).clamp_(0, top)
-    return (grad_out.float() * d).sum().reshape(alpha.shape).to(alpha.dtype)
+        total = staircase(xf, a, bits).div_(a).mul_(g).sum()
+    return total.reshape(alpha.shape).to(alpha.dtype)
 
 
 def _save_and_quantize(ctx, x, alpha, bits, rounding, alpha_grad):
@@ -59,7 +70,8 @@ def _save_and_quantize(ctx, x, alpha, bits, rounding, alpha_grad):
 def _coarse_grads(ctx, grad_out, mask_fn):
     """Gradients for (x, alpha, bits, rounding, alpha_grad): grad*mu'(x), and alpha's if learned."""
     x, alpha = ctx.saved_tensors
-    grad_x = grad_out * mask_fn(x, alpha, ctx.bits).to(grad_out.dtype)
+    mask = mask_fn(x, alpha, ctx.bits)  # mu'(x) as 0/1 floats, or None for "all ones"
+    grad_x = grad_out if mask is None else mask.mul_(grad_out)
     grad_alpha = None
     if ctx.needs_input_grad[1] and ctx.alpha_grad is not None:
         grad_alpha = _alpha_grad(grad_out, x, alpha, ctx.bits, ctx.alpha_grad)
@@ -67,15 +79,15 @@ def _coarse_grads(ctx, grad_out, mask_fn):
 
 
 def identity_mask(x, alpha, bits):
-    return torch.ones_like(x)
+    return None  # every gradient passes
 
 
 def relu_mask(x, alpha, bits):
-    return x > 0
+    return indicator(torch.gt, x, 0)
 
 
 def clipped_relu_mask(x, alpha, bits):
-    return (x > 0) & (x <= (2**bits - 1) * alpha)
+    return indicator(torch.gt, x, 0).mul_(indicator(torch.le, x, (2**bits - 1) * alpha))
 
 
 class IdentitySTE(torch.autograd.Function):
