@@ -22,12 +22,13 @@ test: install
 	$(VENV)/bin/pytest -q $(ARGS)
 
 # [STE] Table 1, MNIST block: float LeNet-5 (trained once per seed, cached) then all 6 cells.
+# resume=true: cells already finished are skipped, interrupted ones continue.
 SEEDS ?= 0,1
 comma := ,
 space := $(subst ,, )
 STE_MNIST := $(subst $(space),$(comma),$(strip $(foreach b,2 4,$(foreach s,identity relu clipped_relu,ste/mnist_lenet5_a$(b)_$(s)))))
 repro-ste-mnist: install
-	$(VENV)/bin/qtrain -m experiment=$(STE_MNIST) seed=$(SEEDS) progress=false $(ARGS)
+	$(VENV)/bin/qtrain -m experiment=$(STE_MNIST) seed=$(SEEDS) resume=true progress=false $(ARGS)
 
 figures: install
 	$(PY) scripts/theory_figures.py --out docs

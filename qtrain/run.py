@@ -3,8 +3,9 @@
 Also owns the two ways a run starts from an earlier one:
   init   = path of a checkpoint (weights only), or "float": train (once, cached under
            outputs/float/) the float model of the same architecture and recipe, then start from it;
-  resume = true (the latest unfinished run with the same config) or a run directory: continue
-           that run in its own directory, to the same result an uninterrupted run would reach.
+  resume = true (the latest run with the same config) or a run directory: continue that run in its
+           own directory, to the same result an uninterrupted run would reach (a finished run is
+           left as it is and its result returned, so re-running a sweep with resume=true is safe).
 """
 
 from __future__ import annotations
@@ -185,13 +186,15 @@ def float_checkpoint(cfg: DictConfig) -> Path:
     return ckpt
 
 
-def find_resumable(cfg: DictConfig) -> Path | None:
-    """The latest unfinished run under out_dir whose checkpoint has this config's fingerprint."""
+def find_latest_run(cfg: DictConfig) -> Path | None:
+    """The most recent run under out_dir (finished or not) whose checkpoint has this config's
+    fingerprint; the cached float models under out_dir/float are not candidates."""
     want = fingerprint(cfg)
+    root = Path(cfg.out_dir).resolve()
     best, best_time = None, -1.0
-    for ckpt in Path(cfg.out_dir).resolve().glob("**/checkpoints/last.pt"):
+    for ckpt in root.glob("**/checkpoints/last.pt"):
         run_dir = ckpt.parent.parent
-        if (run_dir / "result.json").exists() or "float" in run_dir.relative_to(Path(cfg.out_dir).resolve()).parts[:1]:
+        if run_dir.relative_to(root).parts[0] == "float":
             continue
         try:
             fp = torch.load(ckpt, map_location="cpu", weights_only=False).get("fingerprint")
@@ -314,17 +317,17 @@ def main_run(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
     """Entry from the CLI: pick what to resume, then train."""
     resume_dir = None
     if cfg.resume is True:
-        resume_dir = find_resumable(cfg)
+        resume_dir = find_latest_run(cfg)
         if resume_dir is None:
-            log.info("resume=true: no unfinished run with this config under %s; starting a new one", cfg.out_dir)
+            log.info("resume=true: no earlier run with this config under %s; starting a new one", cfg.out_dir)
     elif cfg.resume not in (False, None):
         resume_dir = Path(str(cfg.resume)).resolve()
         if not (resume_dir / "checkpoints" / "last.pt").exists():
             raise ConfigError(f"resume={cfg.resume}: no checkpoints/last.pt there. Give a run directory of an "
                               "earlier run, or resume=true to pick the latest run of this config.")
-        if (resume_dir / "result.json").exists():
-            log.info("resume=%s: that run is already complete", resume_dir)
-            return json.loads((resume_dir / "result.json").read_text())
+    if resume_dir is not None and (resume_dir / "result.json").exists():
+        log.info("resume: %s is already complete; nothing to do", resume_dir)
+        return json.loads((resume_dir / "result.json").read_text())
     if resume_dir is not None:
         (run_dir / "resumed_into.txt").write_text(str(resume_dir) + "\n")
     try:

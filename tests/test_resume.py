@@ -44,3 +44,7 @@ def test_resume_equals_uninterrupted(make_cfg, mnist_root, tmp_path, method):
     rows = [json.loads(line) for line in (runs / "part" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert resumed["final_test_acc"] == full["final_test_acc"]
+    # resume=true again: the latest run of this config is complete, so nothing is trained
+    (runs / "again").mkdir()
+    again = main_run(cfg, runs / "again", {})
+    assert again["run_dir"] == str(runs / "part") and not (runs / "again" / "metrics.jsonl").exists()

@@ -97,3 +97,11 @@ def test_compiled_and_eager_quantizer_agree_exactly():
     (y1, gx1, ga1), (y2, gx2, ga2) = outs
     assert torch.equal(y1, y2) and torch.equal(gx1, gx2)  # levels and STE masks: exactly
     assert torch.allclose(ga1, ga2, rtol=1e-5)  # alpha's gradient is a float sum: order may differ
+
+
+def test_docstring_example():
+    import doctest
+
+    import qtrain.ste
+
+    assert doctest.testmod(qtrain.ste).failed == 0
