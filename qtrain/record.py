@@ -8,6 +8,7 @@ Run directory:
     checkpoints/best.pt        the same, at the epoch with the best test accuracy (lowest loss
                                for regression)
     result.json                written once the run is complete
+    fingerprint.txt            hash of the config (what resume=true matches on)
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_method, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qtrain import record
 from qtrain.errors import ConfigError, QtrainError
@@ -35,6 +35,7 @@ from qtrain.train import Classification, Regression, fit
 
 log = logging.getLogger("qtrain")
 
+FINGERPRINT_FILE = "fingerprint.txt"  # in each run directory: what resume=true matches on
 #: keys that do not change what a run computes (left out of its fingerprint)
 VOLATILE = ("resume", "progress", "device", "stop_after_epoch", "out_dir", "paper")
 
@@ -144,27 +145,13 @@ def float_config(cfg: DictConfig) -> DictConfig:
     """The config of the float model a quantized run starts from: same data, model and recipe,
     float weights and activations, plus the experiment's ``pretrain`` overrides."""
     f = copy.deepcopy(cfg)
-    with open_struct(f):
+    with open_dict(f):
         f.abits, f.wbits, f.init, f.resume, f.stop_after_epoch = None, None, None, False, None
         f.method = OmegaConf.create({"_target_": "qtrain.methods.Float"})
         f.act.learn_alpha = False
         f.paper = None
         f.pretrain = {}
     return OmegaConf.merge(f, cfg.get("pretrain") or {})
-
-
-class open_struct:
-    """Context manager: allow adding/replacing keys of a struct config."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-    def __enter__(self):
-        self.flag = OmegaConf.is_struct(self.cfg)
-        OmegaConf.set_struct(self.cfg, False)
-
-    def __exit__(self, *exc):
-        OmegaConf.set_struct(self.cfg, self.flag)
 
 
 def float_checkpoint(cfg: DictConfig) -> Path:
@@ -192,15 +179,11 @@ def find_latest_run(cfg: DictConfig) -> Path | None:
     want = fingerprint(cfg)
     root = Path(cfg.out_dir).resolve()
     best, best_time = None, -1.0
-    for ckpt in root.glob("**/checkpoints/last.pt"):
-        run_dir = ckpt.parent.parent
-        if run_dir.relative_to(root).parts[0] == "float":
+    for mark in root.glob(f"**/{FINGERPRINT_FILE}"):
+        run_dir, ckpt = mark.parent, mark.parent / "checkpoints" / "last.pt"
+        if run_dir.relative_to(root).parts[0] == "float" or not ckpt.exists():
             continue
-        try:
-            fp = torch.load(ckpt, map_location="cpu", weights_only=False).get("fingerprint")
-        except Exception:  # an unreadable checkpoint is not a candidate
-            continue
-        if fp == want and ckpt.stat().st_mtime > best_time:
+        if mark.read_text().strip() == want and ckpt.stat().st_mtime > best_time:
             best, best_time = run_dir, ckpt.stat().st_mtime
     return best
 
@@ -257,6 +240,7 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
         start_epoch, best, elapsed_before = state["epoch"], state["best"], state.get("elapsed_s", 0.0)
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    fp = fingerprint(cfg)
     amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
     train_model = torch.compile(model) if cfg.compile else model
     started = time.time()
@@ -265,8 +249,10 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "method": method.state_dict(), "epoch": epoch,
                 "best": dict(best_now), "rng": record.rng_state(), "config": resolved,
-                "fingerprint": fingerprint(cfg), "elapsed_s": elapsed_before + time.time() - started}
+                "fingerprint": fp, "elapsed_s": elapsed_before + time.time() - started}
 
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / FINGERPRINT_FILE).write_text(fp + "\n")
     recorder = record.Recorder(run_dir, checkpoint_state, start_epoch, best)
     try:
         complete = fit(train_model, method, optimizer, scheduler, data, task, recorder, epochs=cfg.epochs,
