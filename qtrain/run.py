@@ -231,7 +231,8 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
 
     start_epoch, best, elapsed_before = 0, None, 0.0
     if resume_dir is not None and (run_dir / "checkpoints" / "last.pt").exists():
-        state = torch.load(run_dir / "checkpoints" / "last.pt", map_location=device, weights_only=False)
+        # to the CPU: load_state_dict copies onto the parameters' device, and RNG states must stay on the CPU
+        state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
