@@ -34,7 +34,7 @@ figures: install
 	$(PY) scripts/theory_figures.py --out docs
 
 report: install
-	$(VENV)/bin/qtrain-report results/ --write RESULTS.md --plot docs/ste_mnist_curves.png
+	$(VENV)/bin/qtrain-report results/ --write RESULTS.md --plot docs/ste_mnist_curves.png --match ste/mnist
 
 bench: install
 	$(VENV)/bin/qtrain-bench $(ARGS)

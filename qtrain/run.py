@@ -103,12 +103,27 @@ def _instantiate(node, **kwargs):
         raise
 
 
+def fitted_model(make_model, act_layer, input_shape, cfg):
+    """Build the model and push one dummy batch through it, so that a model/data mismatch
+    (e.g. VGG's five poolings on 28x28 MNIST) is one clear error, not a traceback mid-run."""
+    model_name, data_name = (cfg[g]._target_.split(".")[-1] for g in ("model", "data"))
+    try:
+        model = make_model(act_layer=act_layer)
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(2, *input_shape))
+        return model.train()
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ConfigError(f"model {model_name} does not fit data {data_name} (input shape {tuple(input_shape)}): {e}. "
+                          "Pick a model for that input, e.g. lenet5 or resnet20 for MNIST, twolayer for teacher.") from None
+
+
 def build(cfg: DictConfig, device: torch.device):
     """data, model, method, optimizer, scheduler and task for ``cfg`` (nothing trained yet)."""
     data = _instantiate(cfg.data, seed=cfg.seed, device=device)
     # _partial_: Hydra would turn the ActLayer dataclass into a config if passed to instantiate.
     make_model = _instantiate(cfg.model, _partial_=True, num_classes=data.num_classes, input_shape=data.input_shape)
-    model = make_model(act_layer=build_act_layer(cfg)).to(device)
+    model = fitted_model(make_model, build_act_layer(cfg), data.input_shape, cfg).to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     quantizer = make_weight_quantizer(cfg.wbits, cfg.wquant)

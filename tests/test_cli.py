@@ -89,3 +89,8 @@ def test_sweep_reports_failed_job_and_runs_the_others(tmp_path, mnist_root):
     assert "1 job(s) of the sweep failed" in r.stderr and "abits=0" in r.stderr
     results = list((tmp_path / "out").glob("multirun/*/*/result.json"))
     assert len(results) == 1 and json.loads(results[0].read_text())["config"]["abits"] == 2
+
+
+def test_model_that_does_not_fit_the_data_is_one_clear_error(tmp_path, mnist_root):
+    r = qtrain(*SMALL, "model=vgg11", cwd=tmp_path, env_data=mnist_root)
+    assert r.returncode == 2 and "model VGG does not fit data mnist" in r.stderr and "Traceback" not in r.stderr
