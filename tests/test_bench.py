@@ -1,0 +1,19 @@
+"""qtrain-bench runs every variant through the real build path and writes its JSON."""
+
+import json
+
+from qtrain import bench
+
+
+def test_bench_smoke(tmp_path, mnist_root, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["--model", "lenet5", "--data", "mnist", "--data-root", mnist_root, "--batch-size", "32",
+                "--steps", "1", "--rounds", "1", "--warmup", "1", "--workers", "0", "--device", "cpu",
+                "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert [r["variant"] for r in result["steps"]] == list(bench.VARIANTS)
+    assert result["steps"][0]["ratio_to_float"] == 1.0
+    assert all(r["median_step_ms"] > 0 for r in result["steps"])
+    data = result["data"]
+    assert data["images"] == 60000 and data["qtrain_images_per_s"] > 0 and data["torchvision_images_per_s"] > 0
+    assert "| w1a4 bcgd |" in capsys.readouterr().out
