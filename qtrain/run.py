@@ -231,6 +231,7 @@ def device_name(device: torch.device) -> str:
 def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, choices: dict | None = None) -> dict:
     """Train one configuration in ``run_dir`` (or continue ``resume_dir``); returns result.json's dict."""
     validate(cfg)
+    code = record.code_identity()  # now, not at the end: the checkout may change while a run trains
     if resume_dir is not None:
         run_dir = resume_dir
     run_dir = Path(run_dir)
@@ -300,7 +301,7 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
         "train_images_per_s": speeds[len(speeds) // 2],
         "device": device_name(device),
         "torch_version": torch.__version__,
-        **record.code_identity(),
+        **code,
         "init": init_path,
         "choices": choices or {},
         "paper": resolved.get("paper"),
