@@ -28,14 +28,18 @@ from omegaconf import open_dict
 from qtrain.cli import CONFIG_DIR
 from qtrain.train import train_one_epoch
 
-VARIANTS = {
+VARIANTS = {  # "{a}" is replaced by --abits
     "float": ["abits=null", "wbits=null", "method=float"],
-    "a4 (float weights)": ["abits=4", "wbits=null", "method=float"],
-    "w1a4 ste": ["abits=4", "wbits=1", "method=ste"],
-    "w1a4 binaryrelax": ["abits=4", "wbits=1", "method=binaryrelax"],
-    "w1a4 bcgd": ["abits=4", "wbits=1", "method=bcgd"],
-    "w1a4 bcgd learned-alpha": ["abits=4", "wbits=1", "method=bcgd", "act.learn_alpha=true"],
+    "a{a} (float weights)": ["abits={a}", "wbits=null", "method=float"],
+    "w1a{a} ste": ["abits={a}", "wbits=1", "method=ste"],
+    "w1a{a} binaryrelax": ["abits={a}", "wbits=1", "method=binaryrelax"],
+    "w1a{a} bcgd": ["abits={a}", "wbits=1", "method=bcgd"],
+    "w1a{a} bcgd learned-alpha": ["abits={a}", "wbits=1", "method=bcgd", "act.learn_alpha=true"],
 }
+
+
+def variants(abits: int) -> dict[str, list[str]]:
+    return {k.format(a=abits): [o.format(a=abits) for o in v] for k, v in VARIANTS.items()}
 
 
 class RepeatBatch:
@@ -66,7 +70,9 @@ def make_cfg(args, overrides):
         cfg.precision, cfg.compile, cfg.channels_last = args.precision, args.compile, args.channels_last
         if args.data_root:
             cfg.data.root = args.data_root
-        cfg.data.limit_train = cfg.data.limit_test = args.batch_size  # the step timing needs one batch
+        # the step timing needs one batch; --full-epoch times whole epochs of the real data
+        cfg.data.limit_train = None if args.full_epoch else args.batch_size
+        cfg.data.limit_test = args.batch_size
     return cfg
 
 
@@ -80,7 +86,11 @@ def build_variant(args, overrides, device):
         x = x.contiguous(memory_format=torch.channels_last)
     train_model = torch.compile(model) if cfg.compile else model
     amp = torch.bfloat16 if cfg.precision == "bf16" else None
-    return lambda steps: train_one_epoch(train_model, method, optimizer, RepeatBatch(x, y, steps), task, device, amp)
+    if args.full_epoch:  # one "step" = one epoch of the real loader (load + augment + train)
+        return (lambda steps: [train_one_epoch(train_model, method, optimizer, data.train, task, device, amp)
+                               for _ in range(steps)]), len(data.train.x)
+    return (lambda steps: train_one_epoch(train_model, method, optimizer, RepeatBatch(x, y, steps), task, device,
+                                          amp)), args.batch_size
 
 
 def time_steps(step, steps, device):
@@ -92,7 +102,10 @@ def time_steps(step, steps, device):
 
 
 def bench_steps(args, device):
-    steppers = {name: build_variant(args, ov, device) for name, ov in VARIANTS.items() if name in args.variants}
+    steppers = {name: build_variant(args, ov, device) for name, ov in variants(args.abits).items()
+                if name in args.variants}
+    images = {name: n for name, (_, n) in steppers.items()}  # per step (or per epoch with --full-epoch)
+    steppers = {name: fn for name, (fn, _) in steppers.items()}
     for step in steppers.values():  # warm-up (and compilation)
         step(args.warmup)
     times = {name: [] for name in steppers}
@@ -109,7 +122,7 @@ def bench_steps(args, device):
     for name, ts in times.items():
         med = statistics.median(ts)
         rows.append({"variant": name, "median_step_ms": 1e3 * med, "min_step_ms": 1e3 * min(ts),
-                     "images_per_s": args.batch_size / med, "ratio_to_float": med / base if base else None,
+                     "images_per_s": images[name] / med, "ratio_to_float": med / base if base else None,
                      "peak_mem_mib": peaks[name] / 2**20 if device.type == "cuda" else None})
     return rows
 
@@ -185,7 +198,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10, help="steps per timed block")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
-    p.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"subset of: {', '.join(VARIANTS)}")
+    p.add_argument("--abits", type=int, default=4, help="activation bits of the quantized variants")
+    p.add_argument("--variants", nargs="*", help="subset of the variant names (default: all)")
+    p.add_argument("--full-epoch", action="store_true",
+                   help="time whole epochs of the real data (pipeline included) instead of steps")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--compile", action="store_true")
     p.add_argument("--channels-last", action="store_true")
@@ -193,9 +209,13 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the torchvision baseline")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    names = list(variants(args.abits))
+    args.variants = args.variants or names
+    unknown = [v for v in args.variants if v not in names]
     if unknown or "float" not in args.variants:
-        p.error(f"--variants must include float and come from: {', '.join(VARIANTS)} (unknown: {unknown})")
+        p.error(f"--variants must include float and come from: {', '.join(names)} (unknown: {unknown})")
+    if args.full_epoch:
+        args.steps, args.warmup = 1, min(args.warmup, 1)
     device = torch.device(args.device)
     torch.manual_seed(0)
     rows = bench_steps(args, device)
@@ -203,14 +223,17 @@ def main(argv=None):
     info = {"machine": machine(device), "torch": torch.__version__, "command": "qtrain-bench " + " ".join(
         sys.argv[1:] if argv is None else argv), "model": args.model, "data": args.data, "batch_size": args.batch_size,
         "precision": args.precision, "compile": args.compile, "steps": args.steps, "rounds": args.rounds,
+        "abits": args.abits, "full_epoch": args.full_epoch,
         "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     print(f"# {info['command']}\n# {info['machine']}, torch {info['torch']}, {args.model}/{args.data}, "
           f"batch {args.batch_size}, {args.precision}{', compiled' if args.compile else ''}; "
           f"median of {args.rounds} interleaved rounds of {args.steps} steps")
-    print("| variant | median step (ms) | images/s | × float | peak GPU mem (MiB) |\n|---|---|---|---|---|")
+    unit = "epoch (s)" if args.full_epoch else "step (ms)"
+    print(f"| variant | median {unit} | images/s | × float | peak GPU mem (MiB) |\n|---|---|---|---|---|")
     for r in rows:
         peak = "—" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
-        print(f"| {r['variant']} | {r['median_step_ms']:.2f} | {r['images_per_s']:,.0f} | {r['ratio_to_float']:.2f} "
+        t = r["median_step_ms"] / 1e3 if args.full_epoch else r["median_step_ms"]
+        print(f"| {r['variant']} | {t:.2f} | {r['images_per_s']:,.0f} | {r['ratio_to_float']:.2f} "
               f"| {peak} |")
     if data:
         print(f"data pipeline: {json.dumps(data)}")
