@@ -1,7 +1,7 @@
 """What a run writes: TensorBoard scalars, metrics.jsonl, checkpoints and result.json.
 
 Run directory:
-    .hydra/                    composed config, overrides (written by Hydra)
+    .hydra/                    composed config, overrides (written by Hydra); qtrain.log: the log
     tb/                        TensorBoard events (train/loss, train/acc, test/loss, test/acc, lr, ...)
     metrics.jsonl              one JSON object per epoch
     checkpoints/last.pt        everything needed to resume (written atomically every epoch)
