@@ -2,7 +2,7 @@
 
 MNIST and CIFAR live in memory as uint8 tensors on the training device. A training epoch slices
 them by a permutation and augments whole batches at once (random crop with zero padding + flip),
-then converts uint8 -> normalised float in one fused step. All randomness of an epoch comes
+then converts uint8 -> normalised float in one step (the /255 folded into the constants). All randomness of an epoch comes
 from a generator seeded by (seed, epoch), so the batches of epoch k do not depend on what ran
 before: a resumed run sees exactly the batches an uninterrupted one would.
 """
@@ -64,8 +64,8 @@ def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.T
 class TensorLoader:
     """Batches from tensors that already sit on the device.
 
-    uint8 images are normalised on the fly ((x - 255*mean) / (255*std), one fused op); float
-    inputs (the teacher data) pass through unchanged.
+    uint8 images are normalised on the fly as (x - 255*mean) * (1 / (255*std)): the /255 is folded
+    into the two constants. Float inputs (the teacher data) pass through unchanged.
     """
 
     def __init__(self, x, y, batch_size, *, train, seed=0, augment=None, mean=None, std=None, device="cpu"):

@@ -4,6 +4,8 @@ seeded; normalisation is the usual one; the MNIST reader gives the real dataset.
 import torch
 import torchvision.transforms.v2.functional as TF
 
+import qtrain.data
+
 from qtrain.data import STATS, TensorLoader, crop_flip, mnist
 
 
@@ -20,14 +22,23 @@ def test_crop_flip_matches_torchvision_per_sample():
         assert torch.equal(ours[i], ref), i
 
 
-def test_crop_offsets_and_flips_are_uniform():
-    x = torch.zeros(4000, 1, 32, 32, dtype=torch.uint8)
-    loader = TensorLoader(x, torch.zeros(4000, dtype=torch.long), 4000, train=True, augment="crop_flip")
-    g = torch.Generator().manual_seed(0)  # the loader draws offsets like this; check their spread directly
-    torch.randperm(4000, generator=g)
-    offsets = torch.randint(0, 9, (2, 4000), generator=g)
-    counts = torch.bincount(offsets.flatten(), minlength=9).float()
-    assert counts.min() > 0.8 * counts.mean() and len(list(loader)) == 1
+def test_loader_draws_uniform_crops_and_fair_flips(monkeypatch):
+    seen = []
+
+    def recording_crop_flip(x, dy, dx, flip, pad=4):
+        seen.append((dy, dx, flip))
+        return crop_flip(x, dy, dx, flip, pad)
+
+    monkeypatch.setattr(qtrain.data, "crop_flip", recording_crop_flip)
+    x = torch.zeros(9000, 1, 8, 8, dtype=torch.uint8)
+    loader = TensorLoader(x, torch.zeros(9000, dtype=torch.long), 1000, train=True, augment="crop_flip")
+    batches = list(loader)
+    assert len(batches) == 9 and len(seen) == 9
+    offsets = torch.cat([torch.cat([dy, dx]) for dy, dx, _ in seen])
+    counts = torch.bincount(offsets, minlength=9).float()
+    assert counts.numel() == 9 and counts.min() > 0.85 * counts.mean()  # each of 0..8 about 1/9
+    flips = torch.cat([f for _, _, f in seen]).float().mean()
+    assert 0.47 < float(flips) < 0.53
 
 
 def test_epochs_are_seeded_and_cover_every_sample():
