@@ -154,7 +154,7 @@ def float_rows(runs: list[dict]) -> list[str]:
                 and r["config"].get("wbits") is None:
             c = r["config"]
             rows.append(f"| {c['data']['_target_'].split('.')[-1]} | {c['model']['_target_'].split('.')[-1]} | "
-                        f"{c['seed']} | {r['final_test_acc']:.2f} | {r['best_test_acc']:.2f} | "
+                        f"{c['seed']} | {fmt(r['final_test_acc'])} | {fmt(r['best_test_acc'])} | "
                         f"{r['final_train_loss']:.2e} | {r['epochs']} | {r['device']} | {duration(r['wall_time_s'])} |")
     return sorted(rows)
 
