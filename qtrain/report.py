@@ -105,6 +105,14 @@ def fmt(v, spec=".2f"):
     return "—" if v is None else format(v, spec)
 
 
+def loss_fmt(v) -> str:
+    """Losses as the paper prints them: 0.19, 2.6e-2."""
+    if v is None:
+        return "—"
+    v = float(v)
+    return f"{v:.2f}" if v >= 0.1 else f"{v:.1e}".replace("e-0", "e-")
+
+
 def duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
@@ -121,7 +129,7 @@ def table_rows(runs: list[dict], papers: dict[str, dict]) -> dict[str, list[str]
         ref = paper.get("acc")
         ref_text = fmt(ref) if ref is not None else (f"band {paper['sanity_band']:.2f}" if paper.get("sanity_band")
                                                       else "—")
-        loss_text = str(paper.get("loss", "—"))
+        loss_text = loss_fmt(paper.get("loss"))
         if not results:
             tables[paper["table"]].append(f"| {exp} | {ref_text} | {loss_text} | {not_run_reason(paper['_data'])} "
                                           "| | | | | | |")
@@ -136,7 +144,7 @@ def table_rows(runs: list[dict], papers: dict[str, dict]) -> dict[str, list[str]
         speed = statistics.mean(r["train_images_per_s"] for r in results)
         tables[paper["table"]].append(
             f"| {exp} | {ref_text} | {loss_text} | {mean_std(final)} | {mean_std(best)} | {diff} | "
-            f"{statistics.mean(losses):.2e} | {results[0]['epochs']} | {'; '.join(devices)} | {duration(wall)} | "
+            f"{loss_fmt(statistics.mean(losses))} | {results[0]['epochs']} | {'; '.join(devices)} | {duration(wall)} | "
             f"{speed:,.0f} |")
     return tables
 

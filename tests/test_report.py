@@ -32,7 +32,8 @@ def test_groups_seeds_and_keeps_limited_runs_apart(tmp_path):
     others = text.split("not reproductions")[1]
     assert "data-limited" in others and "incomplete" in others
     # every other experiment with a paper number gets a 'not run' row with a reason
-    assert "| ste/cifar10_resnet20_a4_clipped_relu | 91.24 | 0.04 | not run: needs a GPU" in text
+    assert "| ste/cifar10_resnet20_a4_clipped_relu | 91.24 | 4.0e-2 | not run: needs a GPU" in text
+    assert "| ste/mnist_lenet5_a4_clipped_relu | 99.24 | 8.8e-4 |" in text
     assert "| bcgd/imagenet_resnet18_w1a4_all | 64.36 | — | not run: needs ImageNet" in text
     assert "band 89.98" in text  # the PARQ sanity band is labelled as a band, not a paper number
 
