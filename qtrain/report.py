@@ -212,12 +212,17 @@ def plot(paths: list[Path], out: Path, match: str | None) -> int:
 
     runs = [r for r in read_runs(paths) if r["rows"] and (match is None or match in (experiment_of(r) or ""))]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2))
+    names = sorted({experiment_of(r) or r["dir"].name for r in runs})
+    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}  # one colour per experiment
+    seeds = sorted({str((r["result"] or {}).get("config", {}).get("seed", "?")) for r in runs})
     for run in sorted(runs, key=lambda r: experiment_of(r) or ""):
-        seed = (run["result"] or {}).get("config", {}).get("seed", "?")
-        label = f"{(experiment_of(run) or run['dir'].name).split('/')[-1]} s{seed}"
+        name = experiment_of(run) or run["dir"].name
+        seed = str((run["result"] or {}).get("config", {}).get("seed", "?"))
+        style = dict(color=colors[name], ls=["-", "--", ":", "-."][seeds.index(seed) % 4], lw=1,
+                     label=f"{name.split('/')[-1]} s{seed}")
         epochs = [x["epoch"] for x in run["rows"]]
-        ax_acc.plot(epochs, [x.get("test/acc") for x in run["rows"]], label=label, lw=1)
-        ax_loss.plot(epochs, [x.get("train/loss") for x in run["rows"]], label=label, lw=1)
+        ax_acc.plot(epochs, [x.get("test/acc") for x in run["rows"]], **style)
+        ax_loss.plot(epochs, [x.get("train/loss") for x in run["rows"]], **style)
     ax_acc.set_ylabel("test accuracy (%)")
     ax_loss.set_ylabel("training loss")
     ax_loss.set_yscale("log")
