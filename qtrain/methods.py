@@ -30,7 +30,6 @@ class Float:
     """No weight quantization: u = w."""
 
     name = "float"
-    quantizes_weights = False
 
     def attach(self, model: nn.Module, quantizer=None, names=()) -> None:
         self.model = model
@@ -72,7 +71,6 @@ class STE(Float):
     """BinaryConnect: forward and backward at u = Q(w); the optimizer updates the latent w."""
 
     name = "ste"
-    quantizes_weights = True
 
     def attach(self, model, quantizer=None, names=()):
         if quantizer is None or not names:
