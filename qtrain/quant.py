@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from qtrain.errors import ConfigError
-from qtrain.ste import ROUNDINGS, STES, ProxySTE
+from qtrain.ste import ALPHA_GRADS, ROUNDINGS, STES, ProxySTE
 
 # ---------------------------------------------------------------------------------------------
 # Activation resolution alpha
@@ -87,6 +87,8 @@ class QuantReLU(nn.Module):
             raise ConfigError(f"unknown ste {ste!r}; choose one of {sorted(STES) + ['proxy']}.")
         if rounding not in ROUNDINGS:
             raise ConfigError(f"act.rounding must be one of {ROUNDINGS}, got {rounding!r}.")
+        if learn_alpha and alpha_grad not in ALPHA_GRADS:
+            raise ConfigError(f"act.alpha_grad must be one of {ALPHA_GRADS}, got {alpha_grad!r}.")
         self.bits, self.ste, self.rounding = int(bits), ste, rounding
         self.proxy = proxy
         self.enabled = True
@@ -222,16 +224,19 @@ def uniform_alternating(w: torch.Tensor, bits: int, rounds: int = 10) -> torch.T
     return torch.sign(w) * torch.round(a / delta).clamp_(0, m) * delta
 
 
+WQUANT_RULES = ("exact", "approx")
+
+
 def make_weight_quantizer(bits: int | None, rule: str = "exact"):
     """The Q(w) for ``wbits``: 1 binary, 2 ternary, >= 3 symmetric uniform.
 
     ``rule="exact"``: the exact projections; ``"approx"``: TWN's threshold for ternary and the
     authors' alternating rounds for k bits (faster, not projections).
     """
+    if rule not in WQUANT_RULES:
+        raise ConfigError(f"wquant must be one of {', '.join(WQUANT_RULES)}, got {rule!r}.")
     if bits is None:
         return None
-    if rule not in ("exact", "approx"):
-        raise ConfigError(f"wquant must be exact or approx, got {rule!r}.")
     if bits == 1:
         return binary
     if bits == 2:

@@ -59,10 +59,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"device must be auto, cpu or cuda, got {cfg.device!r}.")
     if cfg.precision not in ("fp32", "bf16"):
         raise ConfigError(f"precision must be fp32 or bf16, got {cfg.precision!r}.")
+    make_weight_quantizer(cfg.wbits, cfg.wquant)  # checks wquant before any data is read
     if cfg.quant_layers not in QUANT_LAYER_RULES:
         raise ConfigError(f"quant_layers must be one of {', '.join(QUANT_LAYER_RULES)}, got {cfg.quant_layers!r}.")
-    if cfg.wquant not in ("exact", "approx"):
-        raise ConfigError(f"wquant must be exact or approx, got {cfg.wquant!r}.")
     for key in ("limit_train", "limit_test", "batch_size"):
         v = cfg.data.get(key)
         if v is not None and (not isinstance(v, int) or v < 1):
@@ -189,8 +188,8 @@ def float_checkpoint(cfg: DictConfig) -> Path:
 
 
 def find_latest_run(cfg: DictConfig) -> Path | None:
-    """The most recent run under out_dir (finished or not) whose checkpoint has this config's
-    fingerprint; the cached float models under out_dir/float are not candidates."""
+    """The most recent run under out_dir (finished or not) whose fingerprint.txt matches this
+    config's fingerprint; the cached float models under out_dir/float are not candidates."""
     want = fingerprint(cfg)
     root = Path(cfg.out_dir).resolve()
     best, best_time = None, -1.0
@@ -266,7 +265,7 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "method": method.state_dict(), "epoch": epoch,
                 "best": dict(best_now), "rng": record.rng_state(), "config": resolved,
-                "fingerprint": fp, "elapsed_s": elapsed_before + time.time() - started}
+                "elapsed_s": elapsed_before + time.time() - started}
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / FINGERPRINT_FILE).write_text(fp + "\n")

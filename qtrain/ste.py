@@ -27,16 +27,22 @@ ROUNDINGS = ("ceil", "nearest")
 ALPHA_GRADS = ("mean", "exact")
 
 
-def staircase(x: torch.Tensor, alpha: torch.Tensor, bits: int, rounding: str = "ceil") -> torch.Tensor:
-    """sigma_alpha(x) = k*alpha with k = clamp(ceil(x/alpha), 0, 2^b - 1) (or round-to-nearest).
+def levels(x: torch.Tensor, alpha: torch.Tensor, bits: int, rounding: str = "ceil") -> torch.Tensor:
+    """The level index k = clamp(ceil(x/alpha), 0, 2^b - 1) (or round-to-nearest), in float32.
 
-    Computed in float32 even under autocast, so the levels are exactly k*alpha. One new tensor,
-    the rest in place (on a CPU, fresh large allocations cost more than the arithmetic).
+    One new tensor, the rest in place (on a CPU, fresh large allocations cost more than the arithmetic).
     """
-    a = alpha.float()
-    k = x.float() / a
+    k = x.float() / alpha.float()
     k = k.ceil_() if rounding == "ceil" else k.add_(0.5).floor_()
-    return k.clamp_(0, 2**bits - 1).mul_(a).to(x.dtype)
+    return k.clamp_(0, 2**bits - 1)
+
+
+def staircase(x: torch.Tensor, alpha: torch.Tensor, bits: int, rounding: str = "ceil") -> torch.Tensor:
+    """sigma_alpha(x) = k*alpha with k = levels(x, alpha, bits, rounding).
+
+    Computed in float32 even under autocast, so the levels are exactly k*alpha.
+    """
+    return levels(x, alpha, bits, rounding).mul_(alpha.float()).to(x.dtype)
 
 
 def indicator(compare, x: torch.Tensor, bound) -> torch.Tensor:
@@ -48,7 +54,7 @@ def indicator(compare, x: torch.Tensor, bound) -> torch.Tensor:
     return compare(x, bound, out=torch.empty_like(x))
 
 
-def _alpha_grad(grad_out, x, alpha, bits, mode):
+def _alpha_grad(grad_out, x, alpha, bits, rounding, mode):
     """d sigma / d alpha under the chosen proxy, summed into alpha's shape (a scalar)."""
     top = 2**bits - 1
     a = alpha.float()
@@ -56,14 +62,14 @@ def _alpha_grad(grad_out, x, alpha, bits, mode):
     if mode == "mean":  # 0 for x <= 0, 2^(b-1) inside the range, 2^b - 1 beyond
         inside = indicator(torch.gt, xf, 0).mul_(indicator(torch.le, xf, top * a))
         total = 2 ** (bits - 1) * inside.mul_(g).sum() + top * indicator(torch.gt, xf, top * a).mul_(g).sum()
-    else:  # "exact": the level index ceil(x/alpha), clamped; the a.e. derivative of k*alpha
-        total = staircase(xf, a, bits).div_(a).mul_(g).sum()
+    else:  # "exact": the level index k of the forward pass, the a.e. derivative of k*alpha
+        total = levels(xf, a, bits, rounding).mul_(g).sum()
     return total.reshape(alpha.shape).to(alpha.dtype)
 
 
 def _save_and_quantize(ctx, x, alpha, bits, rounding, alpha_grad):
     ctx.save_for_backward(x, alpha)
-    ctx.bits, ctx.alpha_grad = bits, alpha_grad
+    ctx.bits, ctx.rounding, ctx.alpha_grad = bits, rounding, alpha_grad
     return staircase(x, alpha, bits, rounding)
 
 
@@ -74,7 +80,7 @@ def _coarse_grads(ctx, grad_out, mask_fn):
     grad_x = grad_out if mask is None else mask.mul_(grad_out)
     grad_alpha = None
     if ctx.needs_input_grad[1] and ctx.alpha_grad is not None:
-        grad_alpha = _alpha_grad(grad_out, x, alpha, ctx.bits, ctx.alpha_grad)
+        grad_alpha = _alpha_grad(grad_out, x, alpha, ctx.bits, ctx.rounding, ctx.alpha_grad)
     return grad_x, grad_alpha, None, None, None
 
 

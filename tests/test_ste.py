@@ -105,3 +105,23 @@ def test_docstring_example():
     import qtrain.ste
 
     assert doctest.testmod(qtrain.ste).failed == 0
+
+
+def test_unknown_alpha_gradient_proxy_is_refused():
+    from qtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="act.alpha_grad"):
+        QuantReLU(2, 0.5, learn_alpha=True, alpha_grad="mean2")
+
+
+@pytest.mark.parametrize("rounding", ["ceil", "nearest"])
+def test_exact_alpha_gradient_is_the_forward_level_index(rounding):
+    # alpha = 0.1946 is not a dyadic number: the proxy must be the integer level k itself
+    x = torch.tensor([-1.0, 0.05, 0.1, 0.3, 0.41, 2.0, 9.0])
+    act = QuantReLU(4, 0.1946, "clipped_relu", rounding=rounding, learn_alpha=True, alpha_grad="exact",
+                    alpha_grad_scale=1.0, alpha_grad_clip=1e9)
+    act(x).sum().backward()
+    from qtrain.ste import levels
+
+    k = levels(x, torch.tensor(0.1946), 4, rounding)
+    assert torch.equal(k, k.round()) and act.alpha.grad.item() == pytest.approx(float(k.sum()), abs=0)
