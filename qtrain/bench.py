@@ -82,7 +82,7 @@ def build_variant(args, overrides, device):
     cfg = make_cfg(args, overrides)
     data, model, method, optimizer, scheduler, task, _ = build(cfg, device)
     x, y = next(iter(data.train))
-    if cfg.channels_last and device.type == "cuda":
+    if cfg.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     train_model = torch.compile(model) if cfg.compile else model
     amp = torch.bfloat16 if cfg.precision == "bf16" else None

@@ -133,17 +133,41 @@ def _read_idx(path: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
+def _mnist_file(raw: str, stem: str) -> str | None:
+    for cand in (os.path.join(raw, stem), os.path.join(raw, stem + ".gz")):
+        if os.path.exists(cand):
+            return cand
+    return None
+
+
+CIFAR_PICKLES = {"cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]),
+                 "cifar100": ("cifar-100-python", ["train", "test"])}
+
+
+def files_read(name: str, root: str, data_cfg=None):
+    """The files the reader of dataset ``name`` would read under ``root`` (see dataset_id.py):
+    a list of paths, a folder (ImageNet: identified by its listing), or None when they are not there."""
+    if name == "mnist":
+        found = [_mnist_file(os.path.join(root, "MNIST", "raw"), s) for pair in MNIST_FILES.values() for s in pair]
+        return None if None in found else found
+    if name in CIFAR_PICKLES:
+        npz = os.path.join(root, f"{name}.npz")
+        if os.path.exists(npz):
+            return [npz]
+        folder, parts = CIFAR_PICKLES[name]
+        found = [os.path.join(root, folder, p) for p in parts]
+        return found if all(os.path.exists(f) for f in found) else None
+    if name == "imagenet":
+        base = os.path.join(root, "imagenet")
+        return base if all(os.path.isdir(os.path.join(base, s)) for s in ("train", "val")) else None
+    return None
+
+
 @functools.lru_cache(maxsize=2)  # a sweep reads the same files once (the tensors are never modified)
 def read_mnist(root: str):
     """(train_x, train_y, test_x, test_y) as tensors, from torchvision's layout <root>/MNIST/raw."""
     raw = os.path.join(root, "MNIST", "raw")
-
-    def find(stem):
-        for cand in (os.path.join(raw, stem), os.path.join(raw, stem + ".gz")):
-            if os.path.exists(cand):
-                return cand
-        return None
-
+    find = functools.partial(_mnist_file, raw)
     stems = [s for pair in MNIST_FILES.values() for s in pair]
     if any(find(s) is None for s in stems):
         try:  # online machines: let torchvision fetch and verify the files

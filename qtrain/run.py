@@ -28,7 +28,9 @@ from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qtrain import record
+from qtrain.dataset_id import dataset_identity
 from qtrain.errors import ConfigError, QtrainError
+from qtrain.schedule import check_scale, scale_schedule
 from qtrain.quant import QUANT_LAYER_RULES, ActLayer, clamp_learned_alphas, make_weight_quantizer, quantized_weight_names, resolve_alpha
 from qtrain.summary import distinct_values, format_summary, model_summary
 from qtrain.train import Classification, Regression, fit
@@ -38,6 +40,10 @@ log = logging.getLogger("qtrain")
 FINGERPRINT_FILE = "fingerprint.txt"  # in each run directory: what resume=true matches on
 #: keys that do not change what a run computes (left out of its fingerprint)
 VOLATILE = ("resume", "progress", "device", "stop_after_epoch", "out_dir", "paper")
+#: (dotted) keys whose default leaves a run's computation as it was before the key existed: at
+#: that value they are left out of the fingerprint, so adding such a key never orphans earlier runs.
+#: Every key added to the config from now on belongs here with its neutral value.
+NEUTRAL = {"schedule_scale": 1}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,6 +61,7 @@ def validate(cfg: DictConfig) -> None:
     positive_int_or_none("wbits")
     if not isinstance(cfg.epochs, int) or cfg.epochs < 1:
         raise ConfigError(f"epochs must be a positive integer, got {cfg.epochs!r}.")
+    check_scale(cfg.get("schedule_scale", 1))
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         raise ConfigError(f"device must be auto, cpu or cuda, got {cfg.device!r}.")
     if cfg.precision not in ("fp32", "bf16"):
@@ -123,7 +130,7 @@ def build(cfg: DictConfig, device: torch.device):
     # _partial_: Hydra would turn the ActLayer dataclass into a config if passed to instantiate.
     make_model = _instantiate(cfg.model, _partial_=True, num_classes=data.num_classes, input_shape=data.input_shape)
     model = fitted_model(make_model, build_act_layer(cfg), data.input_shape, cfg).to(device)
-    if cfg.channels_last and device.type == "cuda":
+    if cfg.channels_last:  # faster on CUDA and on this CPU too (docs/BENCHMARKS.md); float rounding only
         model = model.to(memory_format=torch.channels_last)
     quantizer = make_weight_quantizer(cfg.wbits, cfg.wquant)
     names = quantized_weight_names(model, cfg.quant_layers) if quantizer else []
@@ -151,7 +158,16 @@ def fingerprint(cfg: DictConfig) -> str:
         drop += ["quant_layers", "wquant"]
     for k in drop:
         c.pop(k, None)
+    for path, neutral in NEUTRAL.items():  # keys added later do not change older runs' fingerprints
+        *parents, leaf = path.split(".")
+        node = c
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == neutral:
+            node.pop(leaf)
+    # The dataset by what it is (its files' content), not by where it lives.
     c.get("data", {}).pop("root", None)
+    c["data_identity"] = dataset_identity(cfg.data)
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -235,8 +251,12 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
         run_dir = resume_dir
     run_dir = Path(run_dir)
     device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
+    fp = fingerprint(cfg)  # of the config as given (schedule_scale included, not yet applied)
+    # the float model gets the same schedule_scale, applied to the float recipe
     init_path = str(float_checkpoint(cfg)) if cfg.init == "float" else cfg.init
+    given, cfg = cfg, scale_schedule(cfg)
+    validate(cfg)
+    seed_everything(cfg.seed)
 
     data, model, method, optimizer, scheduler, task, names = build(cfg, device)
     if init_path:
@@ -256,7 +276,6 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
         start_epoch, best, elapsed_before = state["epoch"], state["best"], state.get("elapsed_s", 0.0)
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    fp = fingerprint(cfg)
     amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
     train_model = torch.compile(model) if cfg.compile else model
     started = time.time()
@@ -294,6 +313,8 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
         "final_train_loss": last.get("train/loss"),
         "final_train_acc": last.get("train/acc"),
         "epochs": cfg.epochs,
+        "schedule_scale": cfg.get("schedule_scale", 1),
+        "unscaled_epochs": given.epochs,
         "data_limited": cfg.data.get("limit_train") is not None or cfg.data.get("limit_test") is not None,
         "resumed": resume_dir is not None and start_epoch > 0,
         "wall_time_s": elapsed_before + time.time() - started,
