@@ -76,12 +76,14 @@ def make_cfg(args, overrides):
     return cfg
 
 
-def build_variant(args, overrides, device):
+def build_variant(args, overrides, device, batch_only=False):
     from qtrain.run import build  # after hydra is set up
 
     cfg = make_cfg(args, overrides)
     data, model, method, optimizer, scheduler, task, _ = build(cfg, device)
     x, y = next(iter(data.train))
+    if batch_only:
+        return x, y
     if cfg.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     train_model = torch.compile(model) if cfg.compile else model
@@ -101,9 +103,17 @@ def time_steps(step, steps, device):
     return (time.perf_counter() - t) / steps
 
 
+FLOOR = "plain PyTorch ResNet-20 float"
+
+
 def bench_steps(args, device):
     steppers = {name: build_variant(args, ov, device) for name, ov in variants(args.abits).items()
                 if name in args.variants}
+    if args.model == "resnet20" and not args.full_epoch:  # the floor: same batch, none of qtrain's code
+        from qtrain.bench_floor import plain_step
+
+        x, y = build_variant(args, VARIANTS["float"], device, batch_only=True)
+        steppers[FLOOR] = (plain_step(x, y, device), args.batch_size)
     images = {name: n for name, (_, n) in steppers.items()}  # per step (or per epoch with --full-epoch)
     steppers = {name: fn for name, (fn, _) in steppers.items()}
     for step in steppers.values():  # warm-up (and compilation)
@@ -118,11 +128,13 @@ def bench_steps(args, device):
             if device.type == "cuda":
                 peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device))
     base = statistics.median(times["float"]) if "float" in times else None
+    floor = statistics.median(times[FLOOR]) if FLOOR in times else None
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
         rows.append({"variant": name, "median_step_ms": 1e3 * med, "min_step_ms": 1e3 * min(ts),
                      "images_per_s": images[name] / med, "ratio_to_float": med / base if base else None,
+                     "ratio_to_plain": med / floor if floor else None,
                      "peak_mem_mib": peaks[name] / 2**20 if device.type == "cuda" else None})
     return rows
 
@@ -204,9 +216,11 @@ def main(argv=None):
                    help="time whole epochs of the real data (pipeline included) instead of steps")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels-last memory format (qtrain's default; --no-channels-last for NCHW)")
     p.add_argument("--no-data", action="store_true", help="skip the data-pipeline timing")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the torchvision baseline")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's choice, OMP_NUM_THREADS)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     names = list(variants(args.abits))
@@ -217,6 +231,8 @@ def main(argv=None):
     if args.full_epoch:
         args.steps, args.warmup = 1, min(args.warmup, 1)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = bench_steps(args, device)
     data = None if args.no_data else bench_data(args, device)
@@ -229,11 +245,13 @@ def main(argv=None):
           f"batch {args.batch_size}, {args.precision}{', compiled' if args.compile else ''}; "
           f"median of {args.rounds} interleaved rounds of {args.steps} steps")
     unit = "epoch (s)" if args.full_epoch else "step (ms)"
-    print(f"| variant | median {unit} | images/s | × float | peak GPU mem (MiB) |\n|---|---|---|---|---|")
+    print(f"| variant | median {unit} | images/s | × float | × plain PyTorch | peak GPU mem (MiB) |\n"
+          "|---|---|---|---|---|---|")
     for r in rows:
         peak = "—" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
+        plain = "—" if r["ratio_to_plain"] is None else f"{r['ratio_to_plain']:.2f}"
         t = r["median_step_ms"] / 1e3 if args.full_epoch else r["median_step_ms"]
-        print(f"| {r['variant']} | {t:.2f} | {r['images_per_s']:,.0f} | {r['ratio_to_float']:.2f} "
+        print(f"| {r['variant']} | {t:.2f} | {r['images_per_s']:,.0f} | {r['ratio_to_float']:.2f} | {plain} "
               f"| {peak} |")
     if data:
         print(f"data pipeline: {json.dumps(data)}")

@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from qtrain.errors import QtrainError
+from qtrain.lifecycle import Interrupted, unique_dir
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 log = logging.getLogger("qtrain")
@@ -32,6 +33,19 @@ def _say(message: str) -> None:
                                                  break_on_hyphens=False), file=sys.stderr)
 
 
+def _unique_dir(path: str) -> str:
+    """Run and sweep folders are created exclusively: two runs started in the same second get two
+    folders. Hydra resolves this before our task function runs, so a failure is reported here."""
+    try:
+        return unique_dir(path)
+    except QtrainError as e:
+        _say(str(e))
+        sys.exit(e.exit_code)
+
+
+OmegaConf.register_new_resolver("unique_dir", _unique_dir, replace=True, use_cache=True)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     from qtrain.run import main_run  # imported here so that `qtrain --help` stays fast
@@ -42,6 +56,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     choices = {k: v for k, v in choices.items() if not k.startswith("hydra/")}
     try:
         main_run(cfg, run_dir, choices)
+    except Interrupted as e:  # a signal: one line, and a sweep stops here too
+        print(f"qtrain: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except QtrainError as e:
         if hc.mode != RunMode.MULTIRUN:
             _say(str(e))

@@ -72,7 +72,7 @@ class TensorLoader:
         self.x, self.y = x.to(device), y.to(device)
         self.batch_size, self.train, self.seed, self.augment = int(batch_size), train, seed, augment
         self.device = torch.device(device)
-        self.epoch = 0
+        self.epoch, self.first_batch = 0, 0
         if mean is not None:
             shape = (1, -1) + (1,) * (x.dim() - 2)
             self.shift = (torch.tensor(mean) * 255).view(shape).to(device)
@@ -80,8 +80,10 @@ class TensorLoader:
         else:
             self.shift = None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        """The next pass yields epoch ``epoch``'s batches from ``first_batch`` on (a run resumed
+        mid-epoch skips the batches it already trained on, without drawing them)."""
+        self.epoch, self.first_batch = epoch, first_batch
 
     def __len__(self):
         return -(-len(self.x) // self.batch_size)
@@ -102,7 +104,7 @@ class TensorLoader:
         if self.augment == "crop_flip":
             offsets = torch.randint(0, 9, (2, n), generator=g).to(self.device)
             flips = (torch.rand(n, generator=g) < 0.5).to(self.device)
-        for i in range(0, n, self.batch_size):
+        for i in range(self.first_batch * self.batch_size, n, self.batch_size):
             idx = order[i:i + self.batch_size]
             xb = self.x[idx]
             if self.augment == "crop_flip":
@@ -123,14 +125,47 @@ def _missing(name: str, looked: list[str], expected: str, how: str) -> DataError
     )
 
 
-def _read_idx(path: str) -> np.ndarray:
-    """Read an MNIST idx file (optionally gzipped) into a uint8 array."""
+IDX_DTYPE = 0x08  # unsigned byte: the only element type MNIST-style idx files use
+
+
+def _read_idx(path: str, ndim: int) -> np.ndarray:
+    """Read an idx file (optionally gzipped) of ``ndim`` dimensions into a uint8 array; anything
+    else (a truncated, empty or garbage file, labels in place of images) is a DataError."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path} cannot be read as an idx file: {e}. Replace it with an intact copy.") from None
+    if len(raw) < 4 + 4 * ndim or raw[0] != 0 or raw[1] != 0 or raw[2] != IDX_DTYPE or raw[3] != ndim:
+        what = "images [N, rows, cols]" if ndim == 3 else "labels [N]"
+        raise DataError(f"{path} is not an idx file of {what}: its header is {raw[:4].hex() or 'empty'} "
+                        f"(expected 0000080{ndim}). Check that the file is the right one and intact.")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = len(raw) - 4 - 4 * ndim
+    if body != int(np.prod(dims)) or dims[0] == 0:
+        raise DataError(f"{path} is truncated or malformed: its header says {dims} ({int(np.prod(dims))} bytes) but "
+                        f"{body} bytes follow. Replace it with an intact copy.")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def check_arrays(source: str, tx, ty, vx, vy, num_classes: int, image_shape: tuple | None = None) -> None:
+    """uint8 images, integer labels in [0, num_classes), one label per image, at least one sample."""
+    for split, x, y in (("train", tx, ty), ("test", vx, vy)):
+        if x.dtype != np.uint8:
+            raise DataError(f"{source}: {split} images must be uint8 (0-255), got {x.dtype}. Convert them "
+                            "(e.g. (x * 255).round().astype(np.uint8) for images in [0, 1]).")
+        if image_shape is not None and tuple(x.shape[1:]) != image_shape:
+            raise DataError(f"{source}: {split} images must have shape [N, {', '.join(map(str, image_shape))}], "
+                            f"got {list(x.shape)}.")
+        if len(x) == 0:
+            raise DataError(f"{source}: the {split} split has no samples.")
+        if y.ndim != 1 or len(y) != len(x):
+            raise DataError(f"{source}: {len(x)} {split} images but labels of shape {list(y.shape)}; one label per "
+                            "image is needed.")
+        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= num_classes:
+            raise DataError(f"{source}: {split} labels must be integers in [0, {num_classes - 1}], got "
+                            f"{y.dtype} values from {y.min()} to {y.max()}.")
 
 
 def _mnist_file(raw: str, stem: str) -> str | None:
@@ -169,40 +204,49 @@ def read_mnist(root: str):
     raw = os.path.join(root, "MNIST", "raw")
     find = functools.partial(_mnist_file, raw)
     stems = [s for pair in MNIST_FILES.values() for s in pair]
-    if any(find(s) is None for s in stems):
-        try:  # online machines: let torchvision fetch and verify the files
-            import torchvision
-
-            torchvision.datasets.MNIST(root, train=True, download=True)
-        except Exception:
-            raise _missing("MNIST", [raw], "the four files " + ", ".join(s + "[.gz]" for s in stems),
-                           "Copy them from any torchvision MNIST download (folder MNIST/raw).") from None
-    out = []
+    if any(find(s) is None for s in stems):  # never download into (or create folders in) a data root
+        raise _missing("MNIST", [raw], "the four files " + ", ".join(s + "[.gz]" for s in stems),
+                       "On a machine with internet, `python -c \"import torchvision; "
+                       "torchvision.datasets.MNIST('ROOT', download=True)\"` puts them there.")
+    arrays = []
     for images, labels in MNIST_FILES.values():
-        x = torch.from_numpy(_read_idx(find(images)).copy()).unsqueeze(1)
-        y = torch.from_numpy(_read_idx(find(labels)).astype(np.int64))
-        out += [x, y]
-    return tuple(out)
+        arrays += [_read_idx(find(images), 3), _read_idx(find(labels), 1)]
+    check_arrays(f"MNIST in {raw}", *arrays, num_classes=10)
+    tx, ty, vx, vy = arrays
+    return (torch.from_numpy(tx.copy()).unsqueeze(1), torch.from_numpy(ty.astype(np.int64)),
+            torch.from_numpy(vx.copy()).unsqueeze(1), torch.from_numpy(vy.astype(np.int64)))
 
 
 @functools.lru_cache(maxsize=2)
 def read_cifar(root: str, name: str):
     """CIFAR-10/100 from <root>/<name>.npz (see shared/data/README.md), else torchvision's files."""
     npz = os.path.join(root, f"{name}.npz")
+    classes = {"cifar10": 10, "cifar100": 100}[name]
     if os.path.exists(npz):
-        with np.load(npz) as f:
-            arrays = [f[k] for k in ("train_x", "train_y", "test_x", "test_y")]
-    else:
+        try:
+            with np.load(npz) as f:
+                arrays = [f[k] for k in ("train_x", "train_y", "test_x", "test_y")]
+        except KeyError as e:
+            raise DataError(f"{npz} lacks the array {e}; it needs train_x, train_y, test_x, test_y.") from None
+        except Exception as e:  # truncated, empty or not a zip: numpy raises many kinds
+            raise DataError(f"{npz} cannot be read as a .npz array file ({type(e).__name__}: {e}). Replace it with "
+                            "an intact copy.") from None
+        source = npz
+    else:  # torchvision's extracted pickles, read without downloading (nothing is written into root)
         import torchvision
 
         cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
         try:
-            tr, te = cls(root, train=True, download=True), cls(root, train=False, download=True)
+            tr, te = cls(root, train=True, download=False), cls(root, train=False, download=False)
         except Exception:
-            raise _missing(name.upper(), [npz, os.path.join(root, "cifar-*-python")],
+            raise _missing(name.upper(), [npz, os.path.join(root, CIFAR_PICKLES[name][0])],
                            f"the array file {name}.npz (train_x uint8 [N,32,32,3], train_y, test_x, test_y) "
-                           "or torchvision's extracted python pickles", "") from None
+                           "or torchvision's extracted python pickles",
+                           f"On a machine with internet, torchvision.datasets.{cls.__name__}('ROOT', download=True) "
+                           "puts the pickles there.") from None
         arrays = [tr.data, np.asarray(tr.targets), te.data, np.asarray(te.targets)]
+        source = os.path.join(root, CIFAR_PICKLES[name][0])
+    check_arrays(source, *arrays, num_classes=classes, image_shape=(32, 32, 3))
     tx, ty, vx, vy = arrays
     to_chw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
     return to_chw(tx), torch.from_numpy(ty.astype(np.int64)), to_chw(vx), torch.from_numpy(vy.astype(np.int64))
@@ -256,19 +300,23 @@ class _EpochSeededLoader:
 
     def __init__(self, dataset, batch_size, train, seed, workers, device):
         self.dataset, self.batch_size, self.train, self.seed = dataset, batch_size, train, seed
-        self.workers, self.device, self.epoch = workers, torch.device(device), 0
+        self.workers, self.device, self.epoch, self.first_batch = workers, torch.device(device), 0, 0
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, first_batch=0):
+        self.epoch, self.first_batch = epoch, first_batch
 
     def __len__(self):
         return -(-len(self.dataset) // self.batch_size)
 
     def __iter__(self):
+        n = len(self.dataset)
+        order = torch.randperm(n, generator=epoch_generator(self.seed, self.epoch)) if self.train else torch.arange(n)
+        # the (seed, epoch) order, from the first batch not yet trained on
+        indices = order[self.first_batch * self.batch_size:].tolist()
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, shuffle=self.train, num_workers=self.workers,
-            generator=epoch_generator(self.seed, self.epoch), pin_memory=self.device.type == "cuda",
-            persistent_workers=False)
+            self.dataset, batch_size=self.batch_size, sampler=indices, num_workers=self.workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            generator=epoch_generator(self.seed + 1, self.epoch))
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 

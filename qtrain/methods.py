@@ -132,7 +132,9 @@ class STE(Float):
 
     def on_epoch_start(self, epoch):
         super().on_epoch_start(epoch)
-        self._codes_at_epoch_start = self._codes()
+        # resumed mid-epoch: the codes at the start of this epoch came with the checkpoint
+        restored, self._restored_codes = getattr(self, "_restored_codes", None), None
+        self._codes_at_epoch_start = restored if restored is not None else self._codes()
 
     def on_epoch_end(self, epoch):
         scalars = super().on_epoch_end(epoch)
@@ -140,7 +142,14 @@ class STE(Float):
             now = self._codes()
             changed = sum(int((a != b).sum()) for a, b in zip(now, self._codes_at_epoch_start))
             scalars["weights/changed_fraction"] = changed / sum(p.numel() for p in self.params)
+        self._codes_at_epoch_start = None  # an epoch-end checkpoint needs none
         return scalars
+
+    def state_dict(self):
+        return {"codes_at_epoch_start": self._codes_at_epoch_start}
+
+    def load_state_dict(self, state):
+        self._restored_codes = state.get("codes_at_epoch_start")
 
 
 class BinaryRelax(STE):
@@ -179,9 +188,10 @@ class BinaryRelax(STE):
         return {**super().on_epoch_end(epoch), "binaryrelax/lambda": self.lam, "binaryrelax/phase": self.phase}
 
     def state_dict(self):
-        return {"lam": self.lam, "epoch": self.epoch}
+        return {**super().state_dict(), "lam": self.lam, "epoch": self.epoch}
 
     def load_state_dict(self, state):
+        super().load_state_dict(state)
         self.lam, self.epoch = state["lam"], state["epoch"]
 
 

@@ -163,11 +163,26 @@ class ActLayer:
 # ---------------------------------------------------------------------------------------------
 
 
+def scale_free(project):
+    """Run ``project`` on w / max|w| and scale the result back: the projections are scale-equivariant,
+    and this keeps their sums and squares inside float32 for any |w| (1e19 or 1e-21 included)."""
+
+    @functools.wraps(project)
+    def wrapped(w: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        s = w.detach().abs().amax()
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        return project(w / s, *args, **kwargs) * s
+
+    return wrapped
+
+
+@scale_free
 def binary(w: torch.Tensor) -> torch.Tensor:
     """Q(w) = mean|w| * sign(w), with sign(0) = +1 so that exactly two values appear."""
     return w.abs().mean() * torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
 
 
+@scale_free
 def ternary(w: torch.Tensor) -> torch.Tensor:
     """Exact projection onto {0, +-delta}^n: keep the t* largest |w|, t* = argmax (sum_{i<=t}|w|_(i))^2 / t."""
     a = w.abs().flatten()
@@ -180,6 +195,7 @@ def ternary(w: torch.Tensor) -> torch.Tensor:
     return (delta * torch.sign(w).flatten() * keep).view_as(w)
 
 
+@scale_free
 def ternary_twn(w: torch.Tensor) -> torch.Tensor:
     """TWN's approximation: threshold 0.7 * mean|w|, delta = mean of the kept |w|."""
     a = w.abs()
@@ -188,6 +204,7 @@ def ternary_twn(w: torch.Tensor) -> torch.Tensor:
     return delta * torch.sign(w) * keep
 
 
+@scale_free
 def uniform(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Exact projection onto {0, +-1, ..., +-m} * delta (m = 2^(bits-1) - 1), over delta and codes.
 
@@ -212,6 +229,7 @@ def uniform(w: torch.Tensor, bits: int) -> torch.Tensor:
     return (torch.sign(w).flatten() * q * step).view_as(w)
 
 
+@scale_free
 def uniform_alternating(w: torch.Tensor, bits: int, rounds: int = 10) -> torch.Tensor:
     """The authors' rule: delta = max|w| / (m + 1/2), then alternate codes = round(|w|/delta) and
     delta = <|w|,q>/<q,q>. Faster than :func:`uniform` but only a local optimum."""

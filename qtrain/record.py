@@ -4,7 +4,8 @@ Run directory:
     .hydra/                    composed config, overrides (written by Hydra); qtrain.log: the log
     tb/                        TensorBoard events (train/loss, train/acc, test/loss, test/acc, lr, ...)
     metrics.jsonl              one JSON object per epoch
-    checkpoints/last.pt        everything needed to resume (written atomically every epoch)
+    checkpoints/last.pt        everything needed to resume (written atomically every epoch, with a
+                               checksum; see checkpoint.py); last.prev.pt: the one before it
     checkpoints/best.pt        the same, at the epoch with the best test accuracy (lowest loss
                                for regression)
     result.json                written once the run is complete
@@ -24,21 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qtrain import checkpoint
+
 log = logging.getLogger("qtrain")
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    checkpoint.write_bytes_atomic(path, text.encode())
 
 
 def rng_state() -> dict:
@@ -98,13 +91,36 @@ class Recorder:
         self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_epoch + 1 if start_epoch else None)
 
     def _load_rows(self, start_epoch: int) -> list[dict]:
-        """Keep the rows of epochs already in the checkpoint; drop any written after it."""
+        """Keep the rows of epochs already in the checkpoint; drop any written after it, and a torn
+        last line (a full disk or a kill in the middle of a write)."""
         if not self.metrics_path.exists():
             return []
-        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
-        rows = [r for r in rows if r["epoch"] <= start_epoch]
+        rows = []
+        for line in self.metrics_path.read_text(errors="replace").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                if line.strip():
+                    log.warning("metrics.jsonl: dropping a torn row (%d characters) left by an interrupted write",
+                                len(line))
+        rows = [r for r in rows if isinstance(r, dict) and r.get("epoch", 1e9) <= start_epoch]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
         return rows
+
+    def _append_row(self, row: dict) -> None:
+        """Append one line; on a write error cut the file back to where it was (no torn row)."""
+        line = (json.dumps(row) + "\n").encode()
+        with open(self.metrics_path, "ab") as f:
+            size = f.tell()
+            try:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:
+                f.truncate(size)
+                if e.errno in checkpoint.DISK_ERRNOS:
+                    raise checkpoint.disk_error(e, self.metrics_path, len(line)) from None
+                raise
 
     def _is_better(self, scalars: dict) -> bool:
         key, sign = ("test/acc", 1) if "test/acc" in scalars else ("test/loss", -1)
@@ -117,22 +133,38 @@ class Recorder:
         return False
 
     def end_epoch(self, epoch: int, scalars: dict) -> None:
+        """Log epoch ``epoch`` (1-based) and save its checkpoints.
+
+        Order matters for a kill at any instant: the metrics row first (a row past the checkpoint
+        is dropped on resume), then best.pt, then last.pt. last.pt is what a resume continues
+        from, so best.pt is never behind the best epoch that last.pt records.
+        """
         row = {"epoch": epoch, **{k: _jsonable(v) for k, v in scalars.items()}}
+        self._append_row(row)
         self.rows.append(row)
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
         for k, v in scalars.items():
             if isinstance(v, (int, float)):
                 self.tb.add_scalar(k, v, epoch)
         self.tb.flush()
+        best = dict(self.best)
         improved = self._is_better(scalars)
         if improved:
             self.best["epoch"] = epoch
         state = self.checkpoint_state(epoch, self.best)
-        atomic_torch_save(state, self.run_dir / "checkpoints" / "last.pt")
-        if improved:
-            atomic_torch_save(state, self.run_dir / "checkpoints" / "best.pt")
+        try:
+            if improved:
+                checkpoint.save(state, self.run_dir / "checkpoints" / "best.pt", keep_previous=False)
+            checkpoint.save(state, self.run_dir / "checkpoints" / "last.pt")
+        except checkpoint.DiskError:
+            self.best = best
+            raise
         log.info(self.epoch_line(row))
+
+    def save_partial(self, epoch: int, totals: dict) -> None:
+        """A checkpoint inside epoch ``epoch`` (0-based), after ``totals['batches']`` batches."""
+        state = self.checkpoint_state(epoch, self.best)
+        state["partial"] = totals
+        checkpoint.save(state, self.run_dir / "checkpoints" / "last.pt")
 
     @staticmethod
     def epoch_line(row: dict) -> str:

@@ -117,36 +117,67 @@ def duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
+def scale_of(result: dict) -> float:
+    return float(result.get("schedule_scale") or 1)
+
+
+def scale_text(scale: float) -> str:
+    """0.1 -> '1/10'; 0.25 -> '1/4'; 2 -> '2x'."""
+    if scale < 1 and abs(1 / scale - round(1 / scale)) < 1e-9:
+        return f"1/{round(1 / scale)}"
+    return f"{scale:g}x"
+
+
+def epochs_text(result: dict) -> str:
+    """'200', or '20 (of 200)' for a run at schedule_scale 0.1."""
+    if scale_of(result) == 1:
+        return str(result["epochs"])
+    return f"{result['epochs']} (of {result.get('unscaled_epochs', '?')}, scale {result['schedule_scale']:g})"
+
+
+def table_name(paper_table: str, scale: float) -> str:
+    if scale == 1:
+        return paper_table
+    return f"{paper_table}: ours at {scale_text(scale)} of the paper's schedule (not a full reproduction)"
+
+
 def table_rows(runs: list[dict], papers: dict[str, dict]) -> dict[str, list[str]]:
-    """paper table name -> markdown rows."""
+    """table name -> markdown rows. Runs at another ``schedule_scale`` get their own table, named so."""
     groups = defaultdict(list)
     for run in runs:
         if is_reproduction(run) and experiment_of(run):
-            groups[experiment_of(run)].append(run["result"])
+            groups[(experiment_of(run), scale_of(run["result"]))].append(run["result"])
     tables = defaultdict(list)
     for exp, paper in papers.items():
-        results = groups.get(exp, [])
         ref = paper.get("acc")
         ref_text = fmt(ref) if ref is not None else (f"band {paper['sanity_band']:.2f}" if paper.get("sanity_band")
                                                       else "—")
         loss_text = loss_fmt(paper.get("loss"))
-        if not results:
-            tables[paper["table"]].append(f"| {exp} | {ref_text} | {loss_text} | {not_run_reason(paper['_data'])} "
-                                          "| | | | | | |")
-            continue
-        final = [r["final_test_acc"] for r in results]
-        best = [r["best_test_acc"] for r in results]
-        losses = [r["final_train_loss"] for r in results]
-        target = ref if ref is not None else paper.get("sanity_band")
-        diff = f"{statistics.mean(final) - target:+.2f}" if target is not None else "—"
-        devices = sorted({r["device"] for r in results})
-        wall = statistics.mean(r["wall_time_s"] for r in results)
-        speed = statistics.mean(r["train_images_per_s"] for r in results)
-        tables[paper["table"]].append(
-            f"| {exp} | {ref_text} | {loss_text} | {mean_std(final)} | {mean_std(best)} | {diff} | "
-            f"{loss_fmt(statistics.mean(losses))} | {results[0]['epochs']} | {'; '.join(devices)} | {duration(wall)} | "
-            f"{speed:,.0f} |")
+        scales = sorted({scale for (e, scale) in groups if e == exp} | {1.0}, reverse=True)
+        for scale in scales:
+            results = groups.get((exp, scale), [])
+            if results or scale == 1:
+                tables[table_name(paper["table"], scale)].append(
+                    _row(exp, ref, ref_text, loss_text, paper, results))
     return tables
+
+
+def _row(exp, ref, ref_text, loss_text, paper, results) -> str:
+    """One markdown row: the paper's number beside ours (mean over seeds), or why it was not run."""
+    if not results:
+        return f"| {exp} | {ref_text} | {loss_text} | {not_run_reason(paper['_data'])} | | | | | | | |"
+    final = [r["final_test_acc"] for r in results]
+    best = [r["best_test_acc"] for r in results]
+    losses = [r["final_train_loss"] for r in results]
+    target = ref if ref is not None else paper.get("sanity_band")
+    diff = f"{statistics.mean(final) - target:+.2f}" if target is not None else "—"
+    devices = sorted({r["device"] for r in results})
+    wall = statistics.mean(r["wall_time_s"] for r in results)
+    speed = statistics.mean(r["train_images_per_s"] for r in results)
+    epochs = epochs_text(results[0])
+    return (f"| {exp} | {ref_text} | {loss_text} | {mean_std(final)} | {mean_std(best)} | {diff} | "
+            f"{loss_fmt(statistics.mean(losses))} | {epochs} | {'; '.join(devices)} | {duration(wall)} | "
+            f"{speed:,.0f} |")
 
 
 HEADER = ("| experiment | paper acc | paper train loss | ours: final acc | ours: best-epoch acc | Δ final − paper | "
@@ -163,7 +194,7 @@ def float_rows(runs: list[dict]) -> list[str]:
             c = r["config"]
             rows.append(f"| {c['data']['_target_'].split('.')[-1]} | {c['model']['_target_'].split('.')[-1]} | "
                         f"{c['seed']} | {fmt(r['final_test_acc'])} | {fmt(r['best_test_acc'])} | "
-                        f"{r['final_train_loss']:.2e} | {r['epochs']} | {r['device']} | {duration(r['wall_time_s'])} |")
+                        f"{r['final_train_loss']:.2e} | {epochs_text(r)} | {r['device']} | {duration(r['wall_time_s'])} |")
     return sorted(rows)
 
 

@@ -17,23 +17,27 @@ import json
 import logging
 import os
 import platform
+import pydoc
 import random
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_method, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from qtrain import record
+from qtrain import checkpoint, record
 from qtrain.dataset_id import dataset_identity
 from qtrain.errors import ConfigError, QtrainError
-from qtrain.schedule import check_scale, scale_schedule
-from qtrain.quant import QUANT_LAYER_RULES, ActLayer, clamp_learned_alphas, make_weight_quantizer, quantized_weight_names, resolve_alpha
+from qtrain.schedule import scale_schedule
+from qtrain.validate import check_proxy, validate
+from qtrain.quant import ActLayer, clamp_learned_alphas, make_weight_quantizer, quantized_weight_names, resolve_alpha
 from qtrain.summary import distinct_values, format_summary, model_summary
-from qtrain.train import Classification, Regression, fit
+from qtrain.lifecycle import Diverged, Interrupted, RunLock, StopSignals, remove_stale_temporaries
+from qtrain.train import Classification, DivergenceWatch, NonFinite, Regression, fit
 
 log = logging.getLogger("qtrain")
 
@@ -49,30 +53,6 @@ NEUTRAL = {"schedule_scale": 1}
 # ---------------------------------------------------------------------------------------------
 # Validation and small builders
 # ---------------------------------------------------------------------------------------------
-
-
-def validate(cfg: DictConfig) -> None:
-    def positive_int_or_none(key):
-        v = cfg.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise ConfigError(f"{key} must be a positive integer number of bits or null (float), got {v!r}.")
-
-    positive_int_or_none("abits")
-    positive_int_or_none("wbits")
-    if not isinstance(cfg.epochs, int) or cfg.epochs < 1:
-        raise ConfigError(f"epochs must be a positive integer, got {cfg.epochs!r}.")
-    check_scale(cfg.get("schedule_scale", 1))
-    if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
-        raise ConfigError(f"device must be auto, cpu or cuda, got {cfg.device!r}.")
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"precision must be fp32 or bf16, got {cfg.precision!r}.")
-    make_weight_quantizer(cfg.wbits, cfg.wquant)  # checks wquant before any data is read
-    if cfg.quant_layers not in QUANT_LAYER_RULES:
-        raise ConfigError(f"quant_layers must be one of {', '.join(QUANT_LAYER_RULES)}, got {cfg.quant_layers!r}.")
-    for key in ("limit_train", "limit_test", "batch_size"):
-        v = cfg.data.get(key)
-        if v is not None and (not isinstance(v, int) or v < 1):
-            raise ConfigError(f"data.{key} must be a positive integer{' or null' if 'limit' in key else ''}, got {v!r}.")
 
 
 def pick_device(name: str) -> torch.device:
@@ -92,7 +72,13 @@ def seed_everything(seed: int) -> None:
 def build_act_layer(cfg: DictConfig) -> ActLayer:
     a = cfg.act
     ste = cfg.ste.name
-    proxy = get_method(cfg.ste.fn) if ste == "proxy" else None
+    proxy = None
+    if ste == "proxy":
+        proxy = pydoc.locate(str(cfg.ste.fn))  # None when missing (hydra's get_method would log a traceback)
+        if not callable(proxy):
+            raise ConfigError(f"ste.fn={cfg.ste.fn}: no such function (give an import path such as "
+                              "torch.nn.functional.softplus).")
+        check_proxy(proxy, cfg.ste.fn)
     alpha = resolve_alpha(cfg.abits, a.alpha, a.rounding) if cfg.abits is not None else 1.0
     return ActLayer(bits=cfg.abits, alpha=alpha, ste=ste, rounding=a.rounding, learn_alpha=a.learn_alpha,
                     alpha_grad=a.alpha_grad, alpha_grad_scale=a.alpha_grad_scale, alpha_grad_clip=a.alpha_grad_clip,
@@ -136,7 +122,13 @@ def build(cfg: DictConfig, device: torch.device):
     names = quantized_weight_names(model, cfg.quant_layers) if quantizer else []
     method = _instantiate(cfg.method)
     method.attach(model, quantizer, names)
-    optimizer = instantiate(cfg.optim)(model.parameters())
+    try:
+        optimizer = instantiate(cfg.optim)(model.parameters())
+    except (TypeError, ValueError, InstantiationException) as e:
+        cause = e.__cause__ or e
+        raise ConfigError(f"optim: {cfg.optim._target_} cannot be built from the optim settings: {cause}. Pick an "
+                          "optimizer config (optim=sgd | adam) or remove keys it does not take, e.g. "
+                          "~optim.momentum.") from None
     optimizer.register_step_post_hook(lambda *_: clamp_learned_alphas(model))
     scheduler = instantiate(cfg.sched)(optimizer)
     task = Regression() if data.task == "regression" else Classification()
@@ -149,7 +141,12 @@ def build(cfg: DictConfig, device: torch.device):
 
 
 def fingerprint(cfg: DictConfig) -> str:
-    """Hash of everything that changes what a run computes."""
+    """Hash of everything that changes what a run computes (of :func:`identity`)."""
+    return hashlib.sha256(json.dumps(identity(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def identity(cfg: DictConfig) -> dict:
+    """The config as far as it changes what a run computes, with the dataset's content identity."""
     c = OmegaConf.to_container(cfg, resolve=True)
     drop = list(VOLATILE)
     if c.get("abits") is None:  # float activations: the STE and alpha settings cannot matter
@@ -168,7 +165,19 @@ def fingerprint(cfg: DictConfig) -> str:
     # The dataset by what it is (its files' content), not by where it lives.
     c.get("data", {}).pop("root", None)
     c["data_identity"] = dataset_identity(cfg.data)
-    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return c
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every (dotted) key whose value differs between two identities."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
 
 
 def float_config(cfg: DictConfig) -> DictConfig:
@@ -192,13 +201,25 @@ def float_checkpoint(cfg: DictConfig) -> Path:
         f"{cfg.model._target_.split('.')[-1].lower()}_s{cfg.seed}_{key}"
     ckpt = run_dir / "checkpoints" / "last.pt"
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as lock:  # two jobs wanting the same float model: one trains it
+    # two jobs wanting the same float model: one trains it, the other waits (train_run's own
+    # RunLock on .lock is non-blocking, hence a second lock file here)
+    with open(run_dir / ".cache.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if (run_dir / "result.json").exists():
+            state, why = checkpoint.problem(ckpt)
+            if state is None:  # retrain from the previous checkpoint (or from scratch): the same weights again
+                usable = checkpoint.problem(checkpoint.previous_path(ckpt))[0] is not None
+                log.warning("init=float: the cached float model %s is %s; recomputing it from %s", ckpt, why,
+                            "its previous checkpoint" if usable else "the start")
+                (run_dir / "result.json").unlink()
+                if not usable:
+                    shutil.rmtree(run_dir / "checkpoints")
+                    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         if (run_dir / "result.json").exists():
             log.info("init=float: reusing the float model in %s", run_dir)
         else:
             log.info("init=float: training the float model first, in %s", run_dir)
-            resume = run_dir if ckpt.exists() else None
+            resume = run_dir if checkpoint.has_checkpoint(ckpt) else None
             train_run(fcfg, run_dir, resume_dir=resume)
     return ckpt
 
@@ -211,21 +232,31 @@ def find_latest_run(cfg: DictConfig) -> Path | None:
     best, best_time = None, -1.0
     for mark in root.glob(f"**/{FINGERPRINT_FILE}"):
         run_dir, ckpt = mark.parent, mark.parent / "checkpoints" / "last.pt"
-        if run_dir.relative_to(root).parts[0] == "float" or not ckpt.exists():
+        if run_dir.relative_to(root).parts[0] == "float" or not checkpoint.has_checkpoint(ckpt):
             continue
-        if mark.read_text().strip() == want and ckpt.stat().st_mtime > best_time:
-            best, best_time = run_dir, ckpt.stat().st_mtime
+        when = max(p.stat().st_mtime for p in (ckpt, checkpoint.previous_path(ckpt)) if p.exists())
+        if mark.read_text().strip() == want and when > best_time:
+            best, best_time = run_dir, when
     return best
 
 
 def load_init(model, path: str) -> None:
     """Weights (and batch-norm statistics) from a checkpoint; activation alphas keep their values."""
-    if not os.path.exists(path):
-        raise ConfigError(f"init={path}: no such checkpoint. Give the path of a qtrain checkpoint "
-                          "(…/checkpoints/last.pt) or init=float.")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    hint = "Give the path of a qtrain checkpoint (…/checkpoints/last.pt) or init=float."
+    if not os.path.isfile(path):
+        raise ConfigError(f"init={path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}. {hint}")
+    state, why = checkpoint.problem(path)
+    if state is None:
+        raise ConfigError(f"init={path}: the file is {why}. {hint}")
     state = state.get("model", state)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"init={path} holds no model weights (no 'model' state dict). {hint}")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes differ
+        sizes = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
+        raise ConfigError(f"init={path} does not fit this model: {sizes}. Start from a checkpoint of the same "
+                          "architecture and input (model=, model.variant, model.norm_affine, data=).") from None
     missing = [k for k in missing if not k.endswith(".alpha")]
     if missing or unexpected:
         raise ConfigError(f"init={path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}. "
@@ -244,37 +275,61 @@ def device_name(device: torch.device) -> str:
 
 
 def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, choices: dict | None = None) -> dict:
-    """Train one configuration in ``run_dir`` (or continue ``resume_dir``); returns result.json's dict."""
+    """Train one configuration in ``run_dir`` (or continue ``resume_dir``); returns result.json's dict.
+
+    Raises Interrupted (a signal: checkpoint saved at the current step) and Diverged (a non-finite
+    loss or weight: result.json says so, the last good checkpoint is left as it was).
+    """
     validate(cfg)
     code = record.code_identity()  # now, not at the end: the checkout may change while a run trains
-    if resume_dir is not None:
-        run_dir = resume_dir
-    run_dir = Path(run_dir)
+    run_dir = Path(resume_dir if resume_dir is not None else run_dir)
     device = pick_device(cfg.device)
-    fp = fingerprint(cfg)  # of the config as given (schedule_scale included, not yet applied)
+    ident = identity(cfg)  # of the config as given (schedule_scale included, not yet applied)
+    fp = fingerprint(cfg)
     # the float model gets the same schedule_scale, applied to the float recipe
     init_path = str(float_checkpoint(cfg)) if cfg.init == "float" else cfg.init
     given, cfg = cfg, scale_schedule(cfg)
-    validate(cfg)
     seed_everything(cfg.seed)
+    with RunLock(run_dir):
+        for tmp in remove_stale_temporaries(run_dir):
+            log.info("removed %s, a temporary file left by a process that died", tmp)
+        return _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp, code, choices)
 
+
+def _resume_state(run_dir: Path, ident: dict) -> dict:
+    state, path = checkpoint.load_latest(run_dir / "checkpoints" / "last.pt")
+    if state.get("identity") is not None and state["identity"] != ident:
+        changes = config_differences(state["identity"], ident)
+        raise ConfigError(f"resume={run_dir}: that run was trained with another config; resuming it with this one "
+                          f"would mix two experiments. Differences: {'; '.join(changes[:8])}. Resume with the "
+                          "run's own settings, or start a new run (without resume).")
+    threads = state.get("threads")
+    if threads is not None and threads != torch.get_num_threads():
+        log.warning("this run was trained with %d threads and continues with %d: on a CPU the float sums then "
+                    "round differently, so the result is not bitwise that of an uninterrupted run "
+                    "(set OMP_NUM_THREADS=%d to keep it exact)", threads, torch.get_num_threads(), threads)
+    return state
+
+
+def _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp, code, choices) -> dict:
     data, model, method, optimizer, scheduler, task, names = build(cfg, device)
     if init_path:
         load_init(model, init_path)
     summary = model_summary(model, names, cfg.wbits, cfg.abits)
     log.info("model summary\n%s", format_summary(summary))
 
-    start_epoch, best, elapsed_before = 0, None, 0.0
-    if resume_dir is not None and (run_dir / "checkpoints" / "last.pt").exists():
-        # to the CPU: load_state_dict copies onto the parameters' device, and RNG states must stay on the CPU
-        state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    start_epoch, best, elapsed_before, partial = 0, None, 0.0, None
+    if resume_dir is not None and checkpoint.has_checkpoint(run_dir / "checkpoints" / "last.pt"):
+        state = _resume_state(run_dir, ident)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         method.load_state_dict(state["method"])
         record.set_rng_state(state["rng"])
         start_epoch, best, elapsed_before = state["epoch"], state["best"], state.get("elapsed_s", 0.0)
-        log.info("resuming %s after epoch %d", run_dir, start_epoch)
+        partial = state.get("partial")
+        where = f"epoch {start_epoch + 1}, after batch {partial['batches']}" if partial else f"after epoch {start_epoch}"
+        log.info("resuming %s %s", run_dir, where)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
     train_model = torch.compile(model) if cfg.compile else model
@@ -283,27 +338,55 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
     def checkpoint_state(epoch, best_now):
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "method": method.state_dict(), "epoch": epoch,
-                "best": dict(best_now), "rng": record.rng_state(), "config": resolved,
-                "elapsed_s": elapsed_before + time.time() - started}
+                "best": dict(best_now), "rng": record.rng_state(), "config": resolved, "identity": ident,
+                "threads": torch.get_num_threads(), "elapsed_s": elapsed_before + time.time() - started}
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / FINGERPRINT_FILE).write_text(fp + "\n")
     recorder = record.Recorder(run_dir, checkpoint_state, start_epoch, best)
+    watch = DivergenceWatch(model.named_parameters(), device)
     try:
-        complete = fit(train_model, method, optimizer, scheduler, data, task, recorder, epochs=cfg.epochs,
-                       start_epoch=start_epoch, device=device, amp_dtype=amp_dtype,
-                       stop_after_epoch=cfg.stop_after_epoch, progress=cfg.progress)
+        with StopSignals() as stop:
+            outcome = fit(train_model, method, optimizer, scheduler, data, task, recorder, epochs=cfg.epochs,
+                          start_epoch=start_epoch, device=device, amp_dtype=amp_dtype,
+                          stop_after_epoch=cfg.stop_after_epoch, progress=cfg.progress, partial=partial,
+                          stop=stop, watch=watch)
+    except NonFinite as e:
+        last_good = recorder.rows[-1]["epoch"] if recorder.rows else 0
+        where = {"epoch": e.epoch, "step": e.step, "what": e.what}
+        recorder.write_result({"status": "diverged", "diverged_at": where, "last_good_epoch": last_good,
+                               "run_dir": str(run_dir), **code, "config": resolved})
+        kept = (f"checkpoints/last.pt still holds epoch {last_good}" if last_good else
+                "no checkpoint was written (it diverged in its first epoch)")
+        raise Diverged(f"The run diverged: {e.what} became non-finite (NaN or inf) in epoch {e.epoch}, "
+                       f"{'at' if e.exact else 'by'} step {e.step}. Training stopped; nothing of that epoch was "
+                       f"saved, and {kept}. result.json in {run_dir} says status 'diverged'. Usual causes: a "
+                       f"learning rate too high (optim.lr={cfg.optim.get('lr')}), a scheduler that grows it, or "
+                       "bad input values.", where) from None
     finally:
         recorder.close()
-    if not complete:
+    if outcome == "interrupted":
+        raise Interrupted(f"stopped by {stop.requested}; a checkpoint was saved in {run_dir}. Continue with the "
+                          f"same command plus resume={run_dir}", stop.exit_code)
+    if outcome == "stopped":
         return {"status": "stopped", "run_dir": str(run_dir)}
+    result = _result(cfg, given, recorder, model, method, names, summary, device, code, init_path, choices,
+                     resume_dir is not None and start_epoch > 0, elapsed_before + time.time() - started, run_dir,
+                     resolved)
+    recorder.write_result(result)
+    key = "acc" if result["final_test_acc"] is not None else "loss"
+    log.info("done: final test %s %.6g, best %.6g (epoch %s), %.0f s", key, result[f"final_test_{key}"],
+             result[f"best_test_{key}"], result["best_epoch"], result["wall_time_s"])
+    return result
 
+
+def _result(cfg, given, recorder, model, method, names, summary, device, code, init_path, choices, resumed,
+            wall_time, run_dir, resolved) -> dict:
     with method.evaluations()[0][1]:
         summary["distinct_weight_values"] = distinct_values(model, names)
     rows = recorder.rows
     last = rows[-1]
     speeds = sorted(r["train/images_per_s"] for r in rows if "train/images_per_s" in r)
-    result = {
+    return {
         "status": "complete",
         "final_test_acc": last.get("test/acc"),
         "final_test_loss": last.get("test/loss"),
@@ -316,10 +399,11 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
         "schedule_scale": cfg.get("schedule_scale", 1),
         "unscaled_epochs": given.epochs,
         "data_limited": cfg.data.get("limit_train") is not None or cfg.data.get("limit_test") is not None,
-        "resumed": resume_dir is not None and start_epoch > 0,
-        "wall_time_s": elapsed_before + time.time() - started,
+        "resumed": resumed,
+        "wall_time_s": wall_time,
         "train_images_per_s": speeds[len(speeds) // 2],
         "device": device_name(device),
+        "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         **code,
         "init": init_path,
@@ -329,15 +413,11 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
         "run_dir": str(run_dir),
         "config": resolved,
     }
-    recorder.write_result(result)
-    key = "acc" if result["final_test_acc"] is not None else "loss"
-    log.info("done: final test %s %.6g, best %.6g (epoch %s), %.0f s", key, result[f"final_test_{key}"],
-             result[f"best_test_{key}"], result["best_epoch"], result["wall_time_s"])
-    return result
 
 
 def main_run(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
     """Entry from the CLI: pick what to resume, then train."""
+    validate(cfg, warn=False)  # before the fingerprint is taken (train_run validates again, with warnings)
     resume_dir = None
     if cfg.resume is True:
         resume_dir = find_latest_run(cfg)
@@ -345,13 +425,21 @@ def main_run(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
             log.info("resume=true: no earlier run with this config under %s; starting a new one", cfg.out_dir)
     elif cfg.resume not in (False, None):
         resume_dir = Path(str(cfg.resume)).resolve()
-        if not (resume_dir / "checkpoints" / "last.pt").exists():
+        if not checkpoint.has_checkpoint(resume_dir / "checkpoints" / "last.pt"):
             raise ConfigError(f"resume={cfg.resume}: no checkpoints/last.pt there. Give a run directory of an "
                               "earlier run, or resume=true to pick the latest run of this config.")
+        mark = resume_dir / FINGERPRINT_FILE
+        if mark.exists() and mark.read_text().strip() != fingerprint(cfg):
+            _resume_state(resume_dir, identity(cfg))  # names the differing keys
+            raise ConfigError(f"resume={resume_dir}: that run was trained with another config (its fingerprint "
+                              "differs). Resume with the run's own settings, or start a new run.")
     if resume_dir is not None and (resume_dir / "result.json").exists():
-        log.info("resume: %s is already complete; nothing to do", resume_dir)
-        return json.loads((resume_dir / "result.json").read_text())
+        done = json.loads((resume_dir / "result.json").read_text())
+        if done.get("status") == "complete":
+            log.info("resume: %s is already complete; nothing to do", resume_dir)
+            return done
     if resume_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "resumed_into.txt").write_text(str(resume_dir) + "\n")
     try:
         return train_run(cfg, run_dir, resume_dir, choices)

@@ -40,7 +40,10 @@ def levels(x: torch.Tensor, alpha: torch.Tensor, bits: int, rounding: str = "cei
 def staircase(x: torch.Tensor, alpha: torch.Tensor, bits: int, rounding: str = "ceil") -> torch.Tensor:
     """sigma_alpha(x) = k*alpha with k = levels(x, alpha, bits, rounding).
 
-    Computed in float32 even under autocast, so the levels are exactly k*alpha.
+    The level index k and k*alpha are computed in float32 even under autocast, so which level an
+    input falls on never depends on the autocast dtype. The output has x's dtype: in fp32 the
+    levels are exactly float32(k*alpha); under bf16 autocast they are k*alpha rounded to bf16
+    (relative error <= 2^-9, the same rounding the next bf16 layer applies to any input).
     """
     return levels(x, alpha, bits, rounding).mul_(alpha.float()).to(x.dtype)
 
@@ -77,7 +80,7 @@ def _coarse_grads(ctx, grad_out, mask_fn):
     """Gradients for (x, alpha, bits, rounding, alpha_grad): grad*mu'(x), and alpha's if learned."""
     x, alpha = ctx.saved_tensors
     mask = mask_fn(x, alpha, ctx.bits)  # mu'(x) as 0/1 floats, or None for "all ones"
-    grad_x = grad_out if mask is None else mask.mul_(grad_out)
+    grad_x = grad_out if mask is None else mask.mul_(grad_out).to(grad_out.dtype)
     grad_alpha = None
     if ctx.needs_input_grad[1] and ctx.alpha_grad is not None:
         grad_alpha = _alpha_grad(grad_out, x, alpha, ctx.bits, ctx.rounding, ctx.alpha_grad)
@@ -93,7 +96,9 @@ def relu_mask(x, alpha, bits):
 
 
 def clipped_relu_mask(x, alpha, bits):
-    return indicator(torch.gt, x, 0).mul_(indicator(torch.le, x, (2**bits - 1) * alpha))
+    # compared in float32 like the forward's levels: in bf16, 2.921875 > 15 * 0.1946 would round to "inside"
+    xf, top = x.float(), (2**bits - 1) * alpha.float()
+    return indicator(torch.gt, xf, 0).mul_(indicator(torch.le, xf, top))
 
 
 class IdentitySTE(torch.autograd.Function):

@@ -47,12 +47,74 @@ def _totals(loss_sum, correct_sum, n):
     return {"loss": float(loss_sum) / n, "acc": None if correct_sum is None else 100.0 * float(correct_sum) / n}
 
 
-def train_one_epoch(model, method, optimizer, loader, task, device, amp_dtype=None, bar=None) -> dict:
+class EpochTotals:
+    """Running sums of one training epoch, kept on the device (no host sync per batch).
+
+    ``state()``/``from_state()`` carry them through a mid-epoch checkpoint, so a run resumed there
+    reports the same epoch loss and accuracy as an uninterrupted one.
+    """
+
+    def __init__(self, device, loss_sum=0.0, correct_sum=0, n=0, batches=0):
+        self.loss_sum = torch.tensor(float(loss_sum), device=device)
+        self.correct_sum = None if correct_sum is None else torch.tensor(int(correct_sum), device=device)
+        self.n, self.batches = n, batches
+
+    def add(self, loss, correct, n):
+        self.loss_sum += loss * n
+        self.correct_sum = None if correct is None or self.correct_sum is None else self.correct_sum + correct
+        self.n += n
+        self.batches += 1
+
+    def summary(self):
+        return _totals(self.loss_sum, self.correct_sum, max(self.n, 1))
+
+    def state(self):
+        return {"loss_sum": float(self.loss_sum), "n": self.n, "batches": self.batches,
+                "correct_sum": None if self.correct_sum is None else int(self.correct_sum)}
+
+
+class DivergenceWatch:
+    """Stops a run at the first non-finite loss or weight, at the cost of one host sync every
+    ``every`` steps: the first bad step is recorded on the device as it happens."""
+
+    def __init__(self, named_params, device, every=50):
+        self.named = [(n, p) for n, p in named_params]
+        self.every, self.device = every, device
+        self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
+
+    def after_step(self, step, loss):
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+        if (step + 1) % self.every == 0:
+            self.check(step)
+
+    def check(self, step, epoch=None):
+        """Raise :class:`NonFinite` (fit adds the epoch) if the loss or any weight is non-finite."""
+        first = int(self.first_bad)
+        if first >= 0:
+            raise NonFinite(first + 1, "the training loss", exact=True)
+        finite = torch.stack([torch.isfinite(p).all() for _, p in self.named])
+        if not bool(finite.all()):
+            bad = [n for (n, _), ok in zip(self.named, finite.tolist()) if not ok]
+            raise NonFinite(step + 1, f"the weights of {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+
+
+class NonFinite(Exception):
+    def __init__(self, step, what, exact=False):
+        super().__init__(f"{what} became non-finite {'at' if exact else 'by'} step {step}")
+        self.step, self.what, self.exact = step, what, exact
+
+
+def train_one_epoch(model, method, optimizer, loader, task, device, amp_dtype=None, bar=None, totals=None,
+                    watch=None, stop=None) -> dict:
+    """One pass over ``loader`` (from wherever it was set to start). ``totals`` carries a resumed
+    epoch's sums; ``stop.requested`` (a signal) ends the epoch after the current step, and the
+    result then says ``partial``."""
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    correct_sum = torch.zeros((), device=device, dtype=torch.long)
-    n, start = 0, time.perf_counter()
-    for i, (x, y) in enumerate(loader):
+    totals = totals or EpochTotals(device)
+    start, first = time.perf_counter(), totals.n
+    last_draw = start
+    for x, y in loader:
         method.prepare_forward()
         with _autocast(device, amp_dtype):
             out = model(x)
@@ -63,22 +125,25 @@ def train_one_epoch(model, method, optimizer, loader, task, device, amp_dtype=No
         optimizer.step()
         method.after_step()
 
-        loss_sum += loss.detach() * len(y)
-        correct = task.correct(out.detach(), y)
-        if correct is None:
-            correct_sum = None
-        else:
-            correct_sum += correct
-        n += len(y)
-        if bar is not None and (i % 20 == 0 or i == len(loader) - 1):  # a host sync, so not every batch
-            stats = _totals(loss_sum, correct_sum, n)
+        totals.add(loss.detach(), task.correct(out.detach(), y), len(y))
+        if watch is not None:
+            watch.after_step(totals.batches - 1, loss)
+        if bar is not None and (time.perf_counter() - last_draw > 1.0 or totals.batches == len(loader)):
+            last_draw = time.perf_counter()  # redraw about once a second: each redraw is a host sync
+            stats = totals.summary()
             bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=stats["acc"] and f"{stats['acc']:.2f}",
-                            img_s=f"{n / (time.perf_counter() - start):.0f}", refresh=False)
-            bar.update(i + 1 - bar.n)
+                            img_s=f"{(totals.n - first) / (last_draw - start):.0f}", refresh=False)
+            bar.update(totals.batches - bar.n)
+        if stop is not None and stop.requested:
+            break
+    if watch is not None:
+        watch.check(totals.batches - 1)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    return {**_totals(loss_sum, correct_sum, n), "images_per_s": n / seconds, "seconds": seconds}
+    partial = totals.batches < len(loader)
+    return {**totals.summary(), "images_per_s": (totals.n - first) / max(seconds, 1e-9), "seconds": seconds,
+            "partial": partial, "totals": totals}
 
 
 @torch.no_grad()
@@ -97,31 +162,40 @@ def evaluate(model, loader, task, device, amp_dtype=None) -> dict:
     return _totals(loss_sum, correct_sum, n)
 
 
-def _progress_bar(enabled: bool, epoch: int, epochs: int, total: int):
+def _progress_bar(enabled: bool, epoch: int, epochs: int, total: int, done: int = 0):
     if not (enabled and sys.stderr.isatty()):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+    return tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
 
 
 def fit(model, method, optimizer, scheduler, data, task, recorder, *, epochs, start_epoch=0, device,
-        amp_dtype=None, stop_after_epoch=None, progress=True) -> bool:
-    """Train from ``start_epoch`` to ``epochs``; returns True when all epochs are done.
-
-    ``stop_after_epoch`` ends the run early (as an interruption would), leaving a resumable
-    checkpoint behind.
-    """
+        amp_dtype=None, stop_after_epoch=None, progress=True, partial=None, stop=None, watch=None) -> str:
+    """Train from ``start_epoch`` to ``epochs``. Returns "complete", "stopped" (``stop_after_epoch``:
+    a budgeted run, resumable) or "interrupted" (``stop.requested``: a signal; a checkpoint at
+    the current step was saved). ``partial`` resumes inside epoch ``start_epoch``. A non-finite
+    loss or weight raises :class:`NonFinite` (nothing is saved for that epoch)."""
     for epoch in range(start_epoch, epochs):
-        data.train.set_epoch(epoch)
+        first_batch = partial["batches"] if partial else 0
+        data.train.set_epoch(epoch, first_batch)
         method.on_epoch_start(epoch)
         lr = optimizer.param_groups[0]["lr"]
-        bar = _progress_bar(progress, epoch, epochs, len(data.train))
+        bar = _progress_bar(progress, epoch, epochs, len(data.train), first_batch)
+        totals = EpochTotals(device, **partial) if partial else None
+        partial = None
         try:
-            train = train_one_epoch(model, method, optimizer, data.train, task, device, amp_dtype, bar)
+            train = train_one_epoch(model, method, optimizer, data.train, task, device, amp_dtype, bar, totals,
+                                    watch, stop)
+        except NonFinite as e:
+            e.epoch = epoch + 1
+            raise
         finally:
             if bar is not None:
                 bar.close()
+        if train["partial"]:
+            recorder.save_partial(epoch, train["totals"].state())
+            return "interrupted"
         scheduler.step()
         scalars = {"train/loss": train["loss"], "train/acc": train["acc"], "lr": lr,
                    "train/images_per_s": train["images_per_s"], "train/epoch_seconds": train["seconds"]}
@@ -131,7 +205,9 @@ def fit(model, method, optimizer, scheduler, data, task, recorder, *, epochs, st
             scalars[f"{prefix}/loss"], scalars[f"{prefix}/acc"] = result["loss"], result["acc"]
         scalars.update(method.on_epoch_end(epoch))
         recorder.end_epoch(epoch + 1, {k: v for k, v in scalars.items() if v is not None})
+        if stop is not None and stop.requested:
+            return "interrupted"
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < epochs:
             log.info("stopping after epoch %d as asked (stop_after_epoch); resume with resume=true", epoch + 1)
-            return False
-    return True
+            return "stopped"
+    return "complete"

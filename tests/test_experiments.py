@@ -12,6 +12,7 @@ FAMILIES = [
     "br/cifar10_vgg11_w1",
     "br/cifar10_resnet20_w2",
     "bcgd/cifar10_vgg11_w1a4",
+    "bcgd/cifar10_resnet20_w1a4",
     "bcgd/imagenet_resnet18_w1a4_first_last_float",
 ]
 TINY = ["epochs=1", "++pretrain.epochs=1", "data.limit_train=16", "data.limit_test=8", "data.batch_size=8"]

@@ -54,3 +54,17 @@ def test_collect_copies_small_files(tmp_path):
     assert report.collect(tmp_path / "out", tmp_path / "results") == 1
     assert (tmp_path / "results" / "x" / "y" / "result.json").exists()
     assert not (tmp_path / "results" / "x" / "y" / "checkpoints").exists()
+
+
+def test_scaled_runs_get_their_own_table_and_say_so(tmp_path):
+    d = fake_run(tmp_path, "s", 0, 98.0)
+    result = json.loads((d / "result.json").read_text())
+    result.update(schedule_scale=0.1, epochs=5, unscaled_epochs=50)
+    (d / "result.json").write_text(json.dumps(result))
+    text = report.report([tmp_path])
+    assert "ours at 1/10 of the paper's schedule (not a full reproduction)" in text
+    scaled = text.split("ours at 1/10")[1].split("###")[0]
+    assert f"| {EXP} |" in scaled and "5 (of 50, scale 0.1)" in scaled
+    # the full-schedule table still says the cell was not run at the paper's length
+    full = [line for line in text.split("ours at 1/10")[0].splitlines() if line.startswith(f"| {EXP} |")]
+    assert full and "not run" in full[0]

@@ -11,6 +11,8 @@ pools quantized values). The BNs stand before each activation as in [STE]'s LeNe
 
 from torch import nn
 
+from qtrain.errors import ConfigError
+
 from qtrain.models.common import bn1d, bn2d, init_weights
 
 VARIANTS = {  # conv widths, conv1 padding, hidden linear widths
@@ -22,6 +24,8 @@ VARIANTS = {  # conv widths, conv1 padding, hidden linear widths
 class LeNet5(nn.Module):
     def __init__(self, num_classes, input_shape, act_layer, norm_affine=False, variant="classic"):
         super().__init__()
+        if variant not in VARIANTS:
+            raise ConfigError(f"model.variant must be one of {', '.join(VARIANTS)} for lenet5, got {variant!r}.")
         (c1, c2), pad, hidden = VARIANTS[variant]
         c, h, w = input_shape
         self.features = nn.Sequential(

@@ -7,6 +7,8 @@ For larger inputs an adaptive average pool makes the same head fit.
 
 from torch import nn
 
+from qtrain.errors import ConfigError
+
 from qtrain.models.common import bn2d, init_weights
 
 CONFIGS = {
@@ -19,6 +21,8 @@ CONFIGS = {
 class VGG(nn.Module):
     def __init__(self, num_classes, input_shape, act_layer, norm_affine=False, variant="vgg11"):
         super().__init__()
+        if variant not in CONFIGS:
+            raise ConfigError(f"model.variant must be one of {', '.join(CONFIGS)} for vgg, got {variant!r}.")
         layers, c = [], input_shape[0]
         for v in CONFIGS[variant]:
             if v == "M":

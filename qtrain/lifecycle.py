@@ -1,0 +1,160 @@
+"""A run's life cycle, apart from building objects and apart from the loop: its directory (unique,
+locked while a process trains in it, stale temporary files removed), and how it ends early
+(signals, divergence).
+
+- :func:`unique_dir` is the ``${unique_dir:...}`` resolver of configs/config.yaml: it creates the
+  run (or sweep) directory *exclusively* and, when the name is taken (two runs started in the
+  same second, by two users or two SLURM jobs), picks ``name-2``, ``name-3``, ...
+- :class:`RunLock` holds an exclusive ``flock`` on ``<run_dir>/.lock`` while a process trains in
+  it; a second process gets one paragraph naming the holder (pid, host, start time) and exit 2.
+- :class:`StopSignals`: SIGINT, SIGTERM and SIGUSR1 (what SLURM sends before preemption with
+  ``--signal``) set a flag that the loop reads after each step; the run then saves a resumable
+  checkpoint at that step and ends with exit 130 (SIGINT) or 143 (SIGTERM, SIGUSR1). A second
+  SIGINT/SIGTERM quits at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from qtrain.errors import ConfigError, QtrainError
+
+_created: dict[str, str] = {}  # per process: the same name always resolves to the same directory
+
+
+def unique_dir(path: str) -> str:
+    """Create ``path`` exclusively (or ``path-2``, ``path-3``, ... when taken) and return its name."""
+    if path in _created:
+        return _created[path]
+    base = Path(path)
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"Cannot create the output folder {base.parent}: {e.strerror}. Set out_dir= to a "
+                          "writable folder.") from None
+    for i in range(1, 10_000):
+        cand = base if i == 1 else base.with_name(f"{base.name}-{i}")
+        try:
+            cand.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise ConfigError(f"Cannot create the run folder {cand}: {e.strerror}. Set out_dir= to a writable "
+                              "folder.") from None
+        _created[path] = str(cand)
+        return str(cand)
+    raise ConfigError(f"{path}: 10,000 run folders of that name exist already.")
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Temporary files (``.*.tmp-<pid>``) left by dead processes. Called under the run lock, so no
+    live process of ours is writing there."""
+    removed = []
+    for tmp in list(run_dir.glob(".*.tmp-*")) + list(run_dir.glob("checkpoints/.*.tmp-*")):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+class RunLock:
+    """An exclusive, non-blocking flock on ``<run_dir>/.lock`` for as long as a process trains there.
+
+    flock is released by the kernel when the process dies (kill -9 included), so a dead run never
+    blocks its own resume. (On NFS, flock support depends on the server.)
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.fd = None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise ConfigError(f"The run folder {self.path.parent} is in use: {holder} is training in it. "
+                                  "Two processes must not train into one folder; wait for it to finish (or stop "
+                                  "it), then resume.") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+class Interrupted(QtrainError):
+    """The run was stopped by a signal after saving a resumable checkpoint."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Diverged(QtrainError):
+    """A non-finite loss or weight: the run stops, the last good checkpoint is kept."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, where: dict):
+        super().__init__(message)
+        self.where = where
+
+
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "SIGUSR1": 143}
+
+
+class StopSignals:
+    """Turn SIGINT / SIGTERM / SIGUSR1 into a request the loop honours after the current step.
+
+    Only installed in the main thread (Python delivers signals there); elsewhere it is inert.
+    """
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested is not None and signum != signal.SIGUSR1:
+            print(f"\nqtrain: second {name}: quitting now, without saving (the last checkpoint is kept).",
+                  file=sys.stderr, flush=True)
+            os._exit(EXIT_CODES.get(name, 130))
+        if self.requested is None:
+            self.requested = name
+            print(f"\nqtrain: {name} received: finishing the current step, then saving a checkpoint "
+                  "(press Ctrl-C again to quit at once).", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES.get(self.requested or "", 130)
