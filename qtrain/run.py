@@ -240,11 +240,20 @@ def find_latest_run(cfg: DictConfig) -> Path | None:
     return best
 
 
+INIT_HINT = "Give the path of a qtrain checkpoint (…/checkpoints/last.pt) or init=float."
+
+
+def check_init_file(path: str) -> None:
+    """Before any data is read: the init checkpoint at least exists."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"init={path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}. "
+                          f"{INIT_HINT}")
+
+
 def load_init(model, path: str) -> None:
     """Weights (and batch-norm statistics) from a checkpoint; activation alphas keep their values."""
-    hint = "Give the path of a qtrain checkpoint (…/checkpoints/last.pt) or init=float."
-    if not os.path.isfile(path):
-        raise ConfigError(f"init={path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}. {hint}")
+    hint = INIT_HINT
+    check_init_file(path)
     state, why = checkpoint.problem(path)
     if state is None:
         raise ConfigError(f"init={path}: the file is {why}. {hint}")
@@ -287,6 +296,8 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
     ident = identity(cfg)  # of the config as given (schedule_scale included, not yet applied)
     fp = fingerprint(cfg)
     # the float model gets the same schedule_scale, applied to the float recipe
+    if cfg.init not in (None, "float"):
+        check_init_file(str(cfg.init))
     init_path = str(float_checkpoint(cfg)) if cfg.init == "float" else cfg.init
     given, cfg = cfg, scale_schedule(cfg)
     seed_everything(cfg.seed)

@@ -147,6 +147,8 @@ CASES = [
     ("init-folder", ["init={a_folder}"], 2, "a folder, not a file"),
     ("init-other-variant", ["init={caffe_ckpt}"], 2, "does not fit this model"),
     ("init-missing", ["init=/nonexistent/x.pt"], 2, "no such file"),
+    ("init-not-given", ["experiment=ste/cifar10_resnet20_a4_instability", "data.root={a_folder}"], 2,
+     "<give init=: the checkpoint of the a4"),
     ("mnist-labels-as-images", ["data.root={mnist_labels_as_images}"], 2, "is not an idx file of images"),
     ("mnist-truncated", ["data.root={mnist_truncated}"], 2, "truncated or malformed"),
     ("mnist-empty", ["data.root={mnist_empty}"], 2, "t10k-images-idx3-ubyte is not an idx file"),
