@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from qtrain.errors import QtrainError
-from qtrain.lifecycle import Interrupted, unique_dir
+from qtrain.lifecycle import Interrupted, quit_on_signals_outside_training, unique_dir
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 log = logging.getLogger("qtrain")
@@ -46,18 +46,31 @@ def _unique_dir(path: str) -> str:
 OmegaConf.register_new_resolver("unique_dir", _unique_dir, replace=True, use_cache=True)
 
 
+def objective(result: dict | None, key: str) -> float:
+    """What the task function returns to Hydra (Optuna and other sweepers): ``result[key]`` as a
+    float, NaN for a failed or unfinished job (Optuna records such a trial as failed)."""
+    value = (result or {}).get(key)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> float:
     from qtrain.run import main_run  # imported here so that `qtrain --help` stays fast
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     choices = OmegaConf.to_container(hc.runtime.choices)
     choices = {k: v for k, v in choices.items() if not k.startswith("hydra/")}
+    result = None
     try:
-        main_run(cfg, run_dir, choices)
+        result = main_run(cfg, run_dir, choices)
     except Interrupted as e:  # a signal: one line, and a sweep stops here too
-        print(f"qtrain: {e}", file=sys.stderr)
+        args = [a for a in sys.argv[1:] if not a.startswith(("resume=", "-m", "--multirun"))]
+        print(f"qtrain: {e} Continue with: qtrain {' '.join(args)} resume={e.run_dir}".replace("  ", " "),
+              file=sys.stderr)
         sys.exit(e.exit_code)
     except QtrainError as e:
         if hc.mode != RunMode.MULTIRUN:
@@ -70,17 +83,27 @@ def _hydra_main(cfg: DictConfig) -> None:
             raise
         log.error("job %s failed:\n%s", hc.job.num, traceback.format_exc())
         _failed_jobs.append(f"#{hc.job.num} {' '.join(hc.overrides.task)}: {type(e).__name__}: {e} (see {run_dir})")
+    return objective(result, str(cfg.get("objective", "best_test_acc")))
 
 
 def main() -> None:
+    quit_on_signals_outside_training()
     if not (CONFIG_DIR / "config.yaml").exists():
         _say(f"the config folder {CONFIG_DIR} is missing. qtrain reads its configs from the repository's configs/ "
              "folder: install it from a checkout with `pip install -e .` (or `make install`).")
         sys.exit(2)
     _hydra_main()
-    if _failed_jobs:
+    from qtrain import sweep_summary
+
+    if _failed_jobs:  # jobs that ran in this process: with their error messages
         print(f"qtrain: {len(_failed_jobs)} job(s) of the sweep failed:", file=sys.stderr)
         for line in _failed_jobs:
+            print("  " + line, file=sys.stderr)
+        sys.exit(1)
+    if sweep_summary.FAILED:  # jobs that ran elsewhere (joblib, submitit): from the files they left
+        print(f"qtrain: {len(sweep_summary.FAILED)} job(s) of the sweep did not complete (see their qtrain.log):",
+              file=sys.stderr)
+        for line in sweep_summary.FAILED:
             print("  " + line, file=sys.stderr)
         sys.exit(1)
 

@@ -105,9 +105,9 @@ class RunLock:
 class Interrupted(QtrainError):
     """The run was stopped by a signal after saving a resumable checkpoint."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, run_dir=None):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code, self.run_dir = exit_code, run_dir
 
 
 class Diverged(QtrainError):
@@ -121,6 +121,22 @@ class Diverged(QtrainError):
 
 
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "SIGUSR1": 143}
+
+
+def quit_on_signals_outside_training() -> None:
+    """Before and after the loop (imports, data loading, the final result) there is no step to
+    finish: a signal ends the process at once with one line instead of a traceback or silence.
+    :class:`StopSignals` replaces this while the loop runs."""
+
+    def handle(signum, frame):
+        name = signal.Signals(signum).name
+        print(f"\nqtrain: {name} outside training: stopped (nothing was lost: checkpoints are only ever replaced "
+              "atomically).", file=sys.stderr, flush=True)
+        sys.exit(EXIT_CODES.get(name, 130))
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handle)
 
 
 class StopSignals:

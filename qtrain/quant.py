@@ -149,8 +149,8 @@ class ActLayer:
     proxy: object = None
 
     def __call__(self, share_with: nn.Module | None = None) -> nn.Module:
-        if self.bits is None:
-            return nn.ReLU(inplace=False)
+        if self.bits is None:  # in place, as torchvision's models: saves an allocation per activation
+            return nn.ReLU(inplace=True)
         act = QuantReLU(self.bits, self.alpha, self.ste, self.rounding, self.learn_alpha, self.alpha_grad,
                         self.alpha_grad_scale, self.alpha_grad_clip, self.alpha_clamp, self.proxy)
         if share_with is not None and self.share_block_alpha:

@@ -86,6 +86,7 @@ class Recorder:
         self.checkpoint_state = checkpoint_state
         self.best = best or {"epoch": None, "value": None, "key": None}
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.stopped_at = None  # where a signal stopped the run, for the message
         self.rows = self._load_rows(start_epoch)
         # purge_step drops events a crashed run wrote past its last checkpoint.
         self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_epoch + 1 if start_epoch else None)
@@ -165,6 +166,7 @@ class Recorder:
         state = self.checkpoint_state(epoch, self.best)
         state["partial"] = totals
         checkpoint.save(state, self.run_dir / "checkpoints" / "last.pt")
+        self.stopped_at = f"in epoch {epoch + 1} after batch {totals['batches']}"
 
     @staticmethod
     def epoch_line(row: dict) -> str:

@@ -43,7 +43,7 @@ log = logging.getLogger("qtrain")
 
 FINGERPRINT_FILE = "fingerprint.txt"  # in each run directory: what resume=true matches on
 #: keys that do not change what a run computes (left out of its fingerprint)
-VOLATILE = ("resume", "progress", "device", "stop_after_epoch", "out_dir", "paper")
+VOLATILE = ("resume", "progress", "device", "stop_after_epoch", "out_dir", "paper", "objective")
 #: (dotted) keys whose default leaves a run's computation as it was before the key existed: at
 #: that value they are left out of the fingerprint, so adding such a key never orphans earlier runs.
 #: Every key added to the config from now on belongs here with its neutral value.
@@ -376,8 +376,9 @@ def _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp,
     finally:
         recorder.close()
     if outcome == "interrupted":
-        raise Interrupted(f"stopped by {stop.requested}; a checkpoint was saved in {run_dir}. Continue with the "
-                          f"same command plus resume={run_dir}", stop.exit_code)
+        where = recorder.stopped_at or "at the end of an epoch"
+        raise Interrupted(f"stopped by {stop.requested} {where}; checkpoint saved in {run_dir}.", stop.exit_code,
+                          run_dir)
     if outcome == "stopped":
         return {"status": "stopped", "run_dir": str(run_dir)}
     result = _result(cfg, given, recorder, model, method, names, summary, device, code, init_path, choices,

@@ -391,3 +391,15 @@ def test_dataset_identity_is_content_not_location(make_cfg, mnist_root, tmp_path
     labels.write_bytes(gzip.compress(bytes(raw)))
     assert fingerprint(make_cfg(f"data.root={copy}")) != base
     assert not list(Path(mnist_root).rglob(".*tmp*"))  # nothing written into the data root
+
+
+def test_resume_with_another_thread_count_warns(small_cfg, tmp_path, caplog):
+    cfg = small_cfg()
+    run = tmp_path / "outputs" / "part"
+    _stopped_run(cfg, run)
+    path = run / "checkpoints" / "last.pt"
+    state = checkpoint.load(path)
+    state["threads"] = torch.get_num_threads() + 3  # as if trained with more threads
+    checkpoint.save(state, path, keep_previous=False)
+    main_run(cfg, tmp_path / "outputs" / "new", {})
+    assert "threads" in caplog.text and "OMP_NUM_THREADS" in caplog.text

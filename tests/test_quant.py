@@ -99,3 +99,15 @@ def test_one_learned_alpha_per_resnet_block():
 
     assert n_alphas(False) == 1 + 2 * 9  # stem + two per block
     assert n_alphas(True) == 1 + 9
+
+
+def test_projections_survive_extreme_scales():
+    from qtrain.quant import binary, ternary, uniform
+
+    big = torch.tensor([1e19, -1e19, 1e19])
+    assert torch.equal(ternary(big), big)  # no entry dropped by an overflowing (sum)^2
+    tiny = torch.tensor([1e-21, -2e-21, 3e-21, 0.0])
+    assert (ternary(tiny) != 0).sum() >= 2 and torch.isfinite(ternary(tiny)).all()
+    q = uniform(torch.tensor([1e19, -3e19, 2e19]), 3)
+    assert torch.allclose(q, torch.tensor([1e19, -3e19, 2e19]), rtol=1e-6)
+    assert len(binary(tiny).unique()) == 2

@@ -125,3 +125,12 @@ def test_exact_alpha_gradient_is_the_forward_level_index(rounding):
 
     k = levels(x, torch.tensor(0.1946), 4, rounding)
     assert torch.equal(k, k.round()) and act.alpha.grad.item() == pytest.approx(float(k.sum()), abs=0)
+
+
+def test_clipped_mask_compares_in_float32_under_bf16():
+    # 2.921875 is exactly representable in bf16 and lies above 15 * 0.1946 = 2.919: outside the range
+    from qtrain.ste import clipped_relu_mask
+
+    x = torch.tensor([2.921875, 2.9, -0.1], dtype=torch.bfloat16)
+    mask = clipped_relu_mask(x, torch.tensor(0.1946), 4)
+    assert mask.tolist() == [0.0, 1.0, 0.0]

@@ -1,0 +1,92 @@
+"""`qtrain-eval`: test accuracy and loss of a trained run, without training.
+
+    qtrain-eval outputs/runs/<...>/s0_<time>                  the run's checkpoints/last.pt
+    qtrain-eval path/to/best.pt --data-root /data --json eval.json
+
+The model, its quantizers and the data are rebuilt from the config stored in the checkpoint, the
+checksum is verified, and the test set is evaluated at the hard-quantized weights Q(w), exactly
+as the run's own `test/acc`. Useful to check a shared or exported model, or a checkpoint on
+another machine (``--data-root``, ``--device``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf, open_dict
+
+from qtrain import checkpoint
+from qtrain.errors import QtrainError
+
+
+def checkpoint_path(path: Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    return path
+
+
+def evaluate_checkpoint(path: Path, data_root: str | None = None, device: str = "cpu",
+                        limit_test: int | None = None) -> dict:
+    from qtrain.run import build, pick_device
+    from qtrain.train import evaluate
+
+    path = checkpoint_path(path)
+    state = checkpoint.load(path) if path.exists() else None
+    if state is None:
+        raise QtrainError(f"{path}: no such checkpoint. Give a run folder or a qtrain checkpoint file.")
+    if "config" not in state:
+        raise QtrainError(f"{path} holds no config, so the model cannot be rebuilt: it is not a qtrain run checkpoint.")
+    cfg = OmegaConf.create(state["config"])
+    with open_dict(cfg):
+        if data_root:
+            cfg.data.root = data_root
+        if limit_test is not None:  # else the run's own test set (its data.limit_test, if any)
+            cfg.data.limit_test = limit_test
+        cfg.data.limit_train = 1  # the training split is not needed
+        cfg.device = device
+    dev = pick_device(device)
+    data, model, method, *_ = build(cfg, dev)
+    model.load_state_dict(state["model"])
+    name, context = method.evaluations()[0]  # the hard-quantized weights Q(w)
+    amp = torch.bfloat16 if cfg.precision == "bf16" else None
+    with context:
+        result = evaluate(model, data.test, _task(data), dev, amp)
+    return {"checkpoint": str(path), "epoch": state.get("epoch"), "test_acc": result["acc"],
+            "test_loss": result["loss"], "test_samples": sum(len(y) for _, y in data.test),
+            "data": cfg.data._target_.rsplit(".", 1)[-1], "data_root": str(cfg.data.get("root")),
+            "device": str(dev)}
+
+
+def _task(data):
+    from qtrain.train import Classification, Regression
+
+    return Regression() if data.task == "regression" else Classification()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="qtrain-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", type=Path, help="a run folder or a checkpoint file (.pt)")
+    p.add_argument("--data-root", help="where the data is on this machine (default: as when it was trained)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    p.add_argument("--limit-test", type=int, help="evaluate on the first N test samples (default: the run's test set)")
+    p.add_argument("--json", type=Path, help="also write the result here")
+    args = p.parse_args(argv)
+    try:
+        out = evaluate_checkpoint(args.path, args.data_root, args.device, args.limit_test)
+    except QtrainError as e:
+        print(f"qtrain-eval: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
