@@ -50,11 +50,15 @@ class Float:
         self.epoch = epoch
 
     def on_epoch_end(self, epoch: int) -> dict:
-        alphas = [m.alpha for m in self.model.modules() if isinstance(m, QuantReLU) and isinstance(m.alpha, nn.Parameter)]
-        if not alphas:
+        """alpha/mean and alpha/<layer> for every learned alpha (a shared one under its first layer)."""
+        named = {}
+        for name, m in self.model.named_modules():
+            if isinstance(m, QuantReLU) and isinstance(m.alpha, nn.Parameter):
+                named.setdefault(id(m.alpha), (name, float(m.alpha.detach())))
+        if not named:
             return {}
-        unique = {id(a): float(a.detach()) for a in alphas}.values()
-        return {"alpha/mean": sum(unique) / len(unique)}
+        values = [v for _, v in named.values()]
+        return {"alpha/mean": sum(values) / len(values), **{f"alpha/{n}": v for n, v in named.values()}}
 
     def evaluations(self):
         """(tag prefix, context) pairs; 'test' is the reported number."""
@@ -140,8 +144,10 @@ class STE(Float):
         scalars = super().on_epoch_end(epoch)
         if self._codes_at_epoch_start is not None:
             now = self._codes()
-            changed = sum(int((a != b).sum()) for a, b in zip(now, self._codes_at_epoch_start))
-            scalars["weights/changed_fraction"] = changed / sum(p.numel() for p in self.params)
+            per_layer = [int((a != b).sum()) for a, b in zip(now, self._codes_at_epoch_start)]
+            scalars["weights/changed_fraction"] = sum(per_layer) / sum(p.numel() for p in self.params)
+            for name, p, changed in zip(self.names, self.params, per_layer):  # sign or level changed this epoch
+                scalars[f"weights_changed/{name.removesuffix('.weight')}"] = changed / p.numel()
         self._codes_at_epoch_start = None  # an epoch-end checkpoint needs none
         return scalars
 

@@ -2,7 +2,8 @@
 
 Run directory:
     .hydra/                    composed config, overrides (written by Hydra); qtrain.log: the log
-    tb/                        TensorBoard events (train/loss, train/acc, test/loss, test/acc, lr, ...)
+    tb/                        TensorBoard events (train/loss, train/acc, test/loss, test/acc, lr, ...;
+                               train/loss_step every log_every_n_steps; the HPARAMS tab; the config)
     metrics.jsonl              one JSON object per epoch
     checkpoints/last.pt        everything needed to resume (written atomically every epoch, with a
                                checksum; see checkpoint.py); last.prev.pt: the one before it
@@ -160,6 +161,23 @@ class Recorder:
             self.best = best
             raise
         log.info(self.epoch_line(row))
+
+    def log_step(self, step: int, scalars: dict) -> None:
+        """Scalars at a training step (x axis: optimizer steps), TensorBoard only."""
+        for k, v in scalars.items():
+            self.tb.add_scalar(k, v, step)
+
+    def log_config(self, config: dict, overrides: list[str]) -> None:
+        import yaml
+
+        self.tb.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```")
+        if overrides:
+            self.tb.add_text("overrides", " ".join(f"`{o}`" for o in overrides))
+
+    def log_hparams(self, hparams: dict, metrics: dict) -> None:
+        """The HPARAMS tab: this run's settings beside its final numbers, so a sweep's runs compare."""
+        clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+        self.tb.add_hparams(clean, {f"hparams/{k}": v for k, v in metrics.items() if v is not None}, run_name=".")
 
     def save_partial(self, epoch: int, totals: dict) -> None:
         """A checkpoint inside epoch ``epoch`` (0-based), after ``totals['batches']`` batches."""

@@ -43,11 +43,12 @@ log = logging.getLogger("qtrain")
 
 FINGERPRINT_FILE = "fingerprint.txt"  # in each run directory: what resume=true matches on
 #: keys that do not change what a run computes (left out of its fingerprint)
-VOLATILE = ("resume", "progress", "device", "stop_after_epoch", "out_dir", "paper", "objective")
+VOLATILE = ("resume", "progress", "device", "stop_after_epoch", "out_dir", "paper", "objective",
+            "log_every_n_steps")
 #: (dotted) keys whose default leaves a run's computation as it was before the key existed: at
 #: that value they are left out of the fingerprint, so adding such a key never orphans earlier runs.
 #: Every key added to the config from now on belongs here with its neutral value.
-NEUTRAL = {"schedule_scale": 1}
+NEUTRAL = {"schedule_scale": 1, "sched.interval": "epoch"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +111,20 @@ def fitted_model(make_model, act_layer, input_shape, cfg):
                           "Pick a model for that input, e.g. lenet5 or resnet20 for MNIST, twolayer for teacher.") from None
 
 
+def build_scheduler(cfg: DictConfig, optimizer, steps_per_epoch: int):
+    """The LR scheduler; ``interval`` (epoch | step) is read by the loop, not passed on, and a per-step
+    schedule's ``total_steps: null`` becomes epochs x batches per epoch."""
+    node = OmegaConf.to_container(cfg.sched, resolve=True)
+    node.pop("interval", None)
+    if "total_steps" in node and node["total_steps"] is None:
+        node["total_steps"] = cfg.epochs * steps_per_epoch
+    try:
+        return instantiate(node)(optimizer)
+    except (TypeError, ValueError, InstantiationException) as e:
+        raise ConfigError(f"sched: {node.get('_target_')} cannot be built from the sched settings: "
+                          f"{e.__cause__ or e}.") from None
+
+
 def build(cfg: DictConfig, device: torch.device):
     """data, model, method, optimizer, scheduler and task for ``cfg`` (nothing trained yet)."""
     data = _instantiate(cfg.data, seed=cfg.seed, device=device)
@@ -130,7 +145,7 @@ def build(cfg: DictConfig, device: torch.device):
                           "optimizer config (optim=sgd | adam) or remove keys it does not take, e.g. "
                           "~optim.momentum.") from None
     optimizer.register_step_post_hook(lambda *_: clamp_learned_alphas(model))
-    scheduler = instantiate(cfg.sched)(optimizer)
+    scheduler = build_scheduler(cfg, optimizer, len(data.train))
     task = Regression() if data.task == "regression" else Classification()
     return data, model, method, optimizer, scheduler, task, names
 
@@ -354,13 +369,15 @@ def _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp,
 
     (run_dir / FINGERPRINT_FILE).write_text(fp + "\n")
     recorder = record.Recorder(run_dir, checkpoint_state, start_epoch, best)
+    recorder.log_config(resolved, overrides_of(run_dir))
     watch = DivergenceWatch(model.named_parameters(), device)
     try:
         with StopSignals() as stop:
             outcome = fit(train_model, method, optimizer, scheduler, data, task, recorder, epochs=cfg.epochs,
                           start_epoch=start_epoch, device=device, amp_dtype=amp_dtype,
                           stop_after_epoch=cfg.stop_after_epoch, progress=cfg.progress, partial=partial,
-                          stop=stop, watch=watch)
+                          stop=stop, watch=watch, sched_interval=cfg.sched.get("interval", "epoch"),
+                          log_every=cfg.get("log_every_n_steps", 0) or 0)
     except NonFinite as e:
         last_good = recorder.rows[-1]["epoch"] if recorder.rows else 0
         where = {"epoch": e.epoch, "step": e.step, "what": e.what}
@@ -385,10 +402,38 @@ def _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp,
                      resume_dir is not None and start_epoch > 0, elapsed_before + time.time() - started, run_dir,
                      resolved)
     recorder.write_result(result)
+    recorder.log_hparams(hparams_of(resolved, overrides_of(run_dir)),
+                         {k: result[k] for k in ("final_test_acc", "best_test_acc", "final_test_loss",
+                                                 "final_train_loss")})
     key = "acc" if result["final_test_acc"] is not None else "loss"
     log.info("done: final test %s %.6g, best %.6g (epoch %s), %.0f s", key, result[f"final_test_{key}"],
              result[f"best_test_{key}"], result["best_epoch"], result["wall_time_s"])
     return result
+
+
+def overrides_of(run_dir: Path) -> list[str]:
+    """The command-line overrides Hydra recorded for this run (none outside the CLI)."""
+    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    try:
+        import yaml
+
+        return list(yaml.safe_load(path.read_text()) or [])
+    except (OSError, ValueError):
+        return []
+
+
+def hparams_of(resolved: dict, overrides: list[str]) -> dict:
+    """For TensorBoard's HPARAMS tab: the settings people compare runs by, plus every override."""
+    keys = {"abits": resolved.get("abits"), "wbits": resolved.get("wbits"), "seed": resolved.get("seed"),
+            "epochs": resolved.get("epochs"), "schedule_scale": resolved.get("schedule_scale"),
+            "method": resolved["method"]["_target_"].rsplit(".", 1)[-1],
+            "model": resolved["model"]["_target_"].rsplit(".", 1)[-1],
+            "data": resolved["data"]["_target_"].rsplit(".", 1)[-1], "lr": resolved["optim"].get("lr")}
+    for o in overrides:
+        if "=" in o and not o.startswith(("out_dir", "progress", "resume", "hydra")):
+            k, v = o.split("=", 1)
+            keys[k.lstrip("+~")] = v
+    return {k: ("null" if v is None else v) for k, v in keys.items()}
 
 
 def _result(cfg, given, recorder, model, method, names, summary, device, code, init_path, choices, resumed,

@@ -106,10 +106,11 @@ class NonFinite(Exception):
 
 
 def train_one_epoch(model, method, optimizer, loader, task, device, amp_dtype=None, bar=None, totals=None,
-                    watch=None, stop=None) -> dict:
+                    watch=None, stop=None, step_scheduler=None, step_log=None) -> dict:
     """One pass over ``loader`` (from wherever it was set to start). ``totals`` carries a resumed
     epoch's sums; ``stop.requested`` (a signal) ends the epoch after the current step, and the
-    result then says ``partial``."""
+    result then says ``partial``. ``step_scheduler`` is stepped after every optimizer step;
+    ``step_log = (every, fn)`` calls fn(batches done, loss) every ``every`` steps (a host sync each)."""
     model.train()
     totals = totals or EpochTotals(device)
     start, first = time.perf_counter(), totals.n
@@ -124,10 +125,14 @@ def train_one_epoch(model, method, optimizer, loader, task, device, amp_dtype=No
         method.before_step()
         optimizer.step()
         method.after_step()
+        if step_scheduler is not None:
+            step_scheduler.step()
 
         totals.add(loss.detach(), task.correct(out.detach(), y), len(y))
         if watch is not None:
             watch.after_step(totals.batches - 1, loss)
+        if step_log is not None and totals.batches % step_log[0] == 0:
+            step_log[1](totals.batches, loss.detach())
         if bar is not None and (time.perf_counter() - last_draw > 1.0 or totals.batches == len(loader)):
             last_draw = time.perf_counter()  # redraw about once a second: each redraw is a host sync
             stats = totals.summary()
@@ -171,7 +176,8 @@ def _progress_bar(enabled: bool, epoch: int, epochs: int, total: int, done: int 
 
 
 def fit(model, method, optimizer, scheduler, data, task, recorder, *, epochs, start_epoch=0, device,
-        amp_dtype=None, stop_after_epoch=None, progress=True, partial=None, stop=None, watch=None) -> str:
+        amp_dtype=None, stop_after_epoch=None, progress=True, partial=None, stop=None, watch=None,
+        sched_interval="epoch", log_every=0) -> str:
     """Train from ``start_epoch`` to ``epochs``. Returns "complete", "stopped" (``stop_after_epoch``:
     a budgeted run, resumable) or "interrupted" (``stop.requested``: a signal; a checkpoint at
     the current step was saved). ``partial`` resumes inside epoch ``start_epoch``. A non-finite
@@ -184,9 +190,14 @@ def fit(model, method, optimizer, scheduler, data, task, recorder, *, epochs, st
         bar = _progress_bar(progress, epoch, epochs, len(data.train), first_batch)
         totals = EpochTotals(device, **partial) if partial else None
         partial = None
+        step_log = None
+        if log_every:
+            base = epoch * len(data.train)
+            step_log = (log_every, lambda i, loss, base=base: recorder.log_step(
+                base + i, {"train/loss_step": float(loss), "train/lr_step": optimizer.param_groups[0]["lr"]}))
         try:
             train = train_one_epoch(model, method, optimizer, data.train, task, device, amp_dtype, bar, totals,
-                                    watch, stop)
+                                    watch, stop, scheduler if sched_interval == "step" else None, step_log)
         except NonFinite as e:
             e.epoch = epoch + 1
             raise
@@ -196,7 +207,8 @@ def fit(model, method, optimizer, scheduler, data, task, recorder, *, epochs, st
         if train["partial"]:
             recorder.save_partial(epoch, train["totals"].state())
             return "interrupted"
-        scheduler.step()
+        if sched_interval == "epoch":
+            scheduler.step()
         scalars = {"train/loss": train["loss"], "train/acc": train["acc"], "lr": lr,
                    "train/images_per_s": train["images_per_s"], "train/epoch_seconds": train["seconds"]}
         for prefix, context in method.evaluations():

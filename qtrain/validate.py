@@ -66,6 +66,8 @@ def _validate_optim(optim: DictConfig) -> None:
 
 
 def _validate_sched(sched: DictConfig, epochs: int) -> None:
+    if sched.get("interval", "epoch") not in ("epoch", "step"):
+        raise ConfigError(f"sched.interval must be epoch or step, got {sched.get('interval')!r}.")
     if "milestones" in sched:
         m = sched.milestones
         if not isinstance(m, (list, ListConfig)) or not all(_is_int(x) and x >= 1 for x in m) \
@@ -121,6 +123,9 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
     if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}.")
     check_scale(cfg.get("schedule_scale", 1))
+    every = cfg.get("log_every_n_steps", 0)
+    if not _is_int(every) or every < 0:
+        raise ConfigError(f"log_every_n_steps must be an integer >= 0 (0 = off), got {every!r}.")
     for key in ("progress", "compile", "channels_last"):
         _bool(cfg.get(key), key)
     if not isinstance(cfg.device, str) or (cfg.device not in ("auto", "cpu", "cuda")
