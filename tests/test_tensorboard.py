@@ -1,0 +1,45 @@
+"""What TensorBoard shows, and per-step LR schedules (which also resume exactly)."""
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from qtrain.run import main_run, train_run
+
+SMALL = ["epochs=2", "data.limit_train=256", "data.limit_test=64", "data.batch_size=32"]
+
+
+def scalars(run_dir):
+    ea = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    return ea
+
+
+def test_tensorboard_tags(make_cfg, mnist_root, tmp_path):
+    cfg = make_cfg(*SMALL, f"data.root={mnist_root}", "method=bcgd", "wbits=1", "abits=4", "act.learn_alpha=true",
+                   "log_every_n_steps=2")
+    train_run(cfg, tmp_path / "run")
+    ea = scalars(tmp_path / "run")
+    tags = set(ea.Tags()["scalars"])
+    for tag in ("train/loss", "train/acc", "test/loss", "test/acc", "lr", "train/loss_step", "train/lr_step",
+                "alpha/mean", "alpha/features.2", "weights/changed_fraction", "weights_changed/features.0",
+                "hparams/final_test_acc", "hparams/best_test_acc"):
+        assert tag in tags, tag
+    assert [e.step for e in ea.Scalars("train/loss_step")] == [2, 4, 6, 8, 10, 12, 14, 16]  # 8 steps an epoch
+    assert "config/text_summary" in ea.Tags()["tensors"]
+
+
+@pytest.mark.parametrize("sched", ["onecycle", "cosine_warmup"])
+def test_per_step_schedule_moves_within_an_epoch_and_resumes_exactly(make_cfg, mnist_root, tmp_path, sched):
+    extra = ["sched.warmup_steps=3"] if sched == "cosine_warmup" else []
+    cfg = make_cfg(*SMALL, f"data.root={mnist_root}", f"sched={sched}", "log_every_n_steps=1", *extra)
+    train_run(cfg, tmp_path / "outputs" / "full")
+    lrs = [e.value for e in scalars(tmp_path / "outputs" / "full").Scalars("train/lr_step")]
+    assert len(lrs) == 16 and len(set(lrs[:8])) > 4  # changes step by step inside epoch 1
+    cfg.stop_after_epoch = 1
+    train_run(cfg, tmp_path / "outputs" / "part")
+    cfg.stop_after_epoch, cfg.resume = None, True
+    main_run(cfg, tmp_path / "outputs" / "new", {})
+    a = torch.load(tmp_path / "outputs" / "full" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "outputs" / "part" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
