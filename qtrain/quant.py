@@ -163,27 +163,32 @@ class ActLayer:
 # ---------------------------------------------------------------------------------------------
 
 
-def scale_free(project):
-    """Run ``project`` on w / max|w| and scale the result back: the projections are scale-equivariant,
-    and this keeps their sums and squares inside float32 for any |w| (1e19 or 1e-21 included)."""
+def codes_and_scale(project_codes):
+    """Wrap a ``w -> (codes, delta)`` rule: it runs on w / max|w| and delta is scaled back.
 
-    @functools.wraps(project)
-    def wrapped(w: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    The rules are scale-equivariant, and this keeps their sums and squares inside float32 for any
+    |w| (1e19 or 1e-21 included). Q(w) is then *defined* as codes * delta, so an exported model's
+    integer codes times its scale equal Q(w) exactly.
+    """
+
+    @functools.wraps(project_codes)
+    def wrapped(w: torch.Tensor, *args, **kwargs):
         s = w.detach().abs().amax()
         s = torch.where(s > 0, s, torch.ones_like(s))
-        return project(w / s, *args, **kwargs) * s
+        codes, delta = project_codes(w / s, *args, **kwargs)
+        return codes, delta * s
 
     return wrapped
 
 
-@scale_free
-def binary(w: torch.Tensor) -> torch.Tensor:
-    """Q(w) = mean|w| * sign(w), with sign(0) = +1 so that exactly two values appear."""
-    return w.abs().mean() * torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
+@codes_and_scale
+def binary_codes(w: torch.Tensor):
+    """codes = sign(w) in {-1, +1} (sign(0) = +1, so exactly two values), delta = mean|w|."""
+    return torch.where(w >= 0, 1.0, -1.0).to(w.dtype), w.abs().mean()
 
 
-@scale_free
-def ternary(w: torch.Tensor) -> torch.Tensor:
+@codes_and_scale
+def ternary_codes(w: torch.Tensor):
     """Exact projection onto {0, +-delta}^n: keep the t* largest |w|, t* = argmax (sum_{i<=t}|w|_(i))^2 / t."""
     a = w.abs().flatten()
     sorted_a, order = torch.sort(a, descending=True)
@@ -192,20 +197,20 @@ def ternary(w: torch.Tensor) -> torch.Tensor:
     best = torch.argmax(csum * csum / t)
     delta = csum[best] / (best + 1)
     keep = torch.zeros_like(a).scatter_(0, order, (t <= best + 1).to(a.dtype))
-    return (delta * torch.sign(w).flatten() * keep).view_as(w)
+    return (torch.sign(w).flatten() * keep).view_as(w), delta
 
 
-@scale_free
-def ternary_twn(w: torch.Tensor) -> torch.Tensor:
+@codes_and_scale
+def ternary_twn_codes(w: torch.Tensor):
     """TWN's approximation: threshold 0.7 * mean|w|, delta = mean of the kept |w|."""
     a = w.abs()
     keep = (a > 0.7 * a.mean()).to(w.dtype)
     delta = (a * keep).sum() / keep.sum().clamp_min(1)
-    return delta * torch.sign(w) * keep
+    return torch.sign(w) * keep, delta
 
 
-@scale_free
-def uniform(w: torch.Tensor, bits: int) -> torch.Tensor:
+@codes_and_scale
+def uniform_codes(w: torch.Tensor, bits: int):
     """Exact projection onto {0, +-1, ..., +-m} * delta (m = 2^(bits-1) - 1), over delta and codes.
 
     As delta falls, weight i's code steps from k to k+1 at delta = |w_i| / (k + 1/2). Between two
@@ -226,11 +231,11 @@ def uniform(w: torch.Tensor, bits: int) -> torch.Tensor:
     best = torch.argmin(delta * delta * s2 - 2 * delta * s1)
     step = delta[best].clamp_min(1e-30)  # all-zero w: delta 0, codes 0
     q = torch.round(a / step).clamp_(0, m)
-    return (torch.sign(w).flatten() * q * step).view_as(w)
+    return (torch.sign(w).flatten() * q).view_as(w), step
 
 
-@scale_free
-def uniform_alternating(w: torch.Tensor, bits: int, rounds: int = 10) -> torch.Tensor:
+@codes_and_scale
+def uniform_alternating_codes(w: torch.Tensor, bits: int, rounds: int = 10):
     """The authors' rule: delta = max|w| / (m + 1/2), then alternate codes = round(|w|/delta) and
     delta = <|w|,q>/<q,q>. Faster than :func:`uniform` but only a local optimum."""
     m = 2 ** (bits - 1) - 1
@@ -239,7 +244,25 @@ def uniform_alternating(w: torch.Tensor, bits: int, rounds: int = 10) -> torch.T
     for _ in range(rounds):
         q = torch.round(a / delta).clamp_(0, m)
         delta = ((a * q).sum() / (q * q).sum().clamp_min(1e-12)).clamp_min(1e-12)
-    return torch.sign(w) * torch.round(a / delta).clamp_(0, m) * delta
+    return torch.sign(w) * torch.round(a / delta).clamp_(0, m), delta
+
+
+def _projection(codes_fn):
+    """Q(w) = codes * delta from a codes rule."""
+
+    @functools.wraps(codes_fn)
+    def project(w: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        codes, delta = codes_fn(w, *args, **kwargs)
+        return codes * delta
+
+    return project
+
+
+binary = _projection(binary_codes)
+ternary = _projection(ternary_codes)
+ternary_twn = _projection(ternary_twn_codes)
+uniform = _projection(uniform_codes)
+uniform_alternating = _projection(uniform_alternating_codes)
 
 
 WQUANT_RULES = ("exact", "approx")
@@ -251,15 +274,21 @@ def make_weight_quantizer(bits: int | None, rule: str = "exact"):
     ``rule="exact"``: the exact projections; ``"approx"``: TWN's threshold for ternary and the
     authors' alternating rounds for k bits (faster, not projections).
     """
+    codes = make_code_quantizer(bits, rule)
+    return None if codes is None else _projection(codes)
+
+
+def make_code_quantizer(bits: int | None, rule: str = "exact"):
+    """The ``w -> (integer codes as floats, delta)`` rule behind :func:`make_weight_quantizer`."""
     if rule not in WQUANT_RULES:
         raise ConfigError(f"wquant must be one of {', '.join(WQUANT_RULES)}, got {rule!r}.")
     if bits is None:
         return None
     if bits == 1:
-        return binary
+        return binary_codes
     if bits == 2:
-        return ternary if rule == "exact" else ternary_twn
-    return functools.partial(uniform if rule == "exact" else uniform_alternating, bits=bits)
+        return ternary_codes if rule == "exact" else ternary_twn_codes
+    return functools.partial(uniform_codes if rule == "exact" else uniform_alternating_codes, bits=bits)
 
 
 QUANT_LAYER_RULES = ("all", "all_but_last", "all_but_first_last")

@@ -1,0 +1,77 @@
+"""qtrain-export: codes x scale = Q(w) exactly, the ONNX staircase equals qtrain's at the ties, and
+onnxruntime's predictions equal qtrain's evaluation of the checkpoint."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors import safe_open
+
+from qtrain import export
+from qtrain.quant import make_weight_quantizer
+from qtrain.run import train_run
+from qtrain.ste import staircase
+
+
+@pytest.fixture
+def trained_run(tmp_path, mnist_root):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from tests.conftest import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "method=bcgd", "wbits=2", "abits=4", "act.learn_alpha=true", "epochs=1", "data.limit_train=2048",
+            "data.limit_test=1000", f"data.root={mnist_root}"])
+    with open_dict(cfg):
+        cfg.progress, cfg.device = False, "cpu"
+    run = tmp_path / "run"
+    train_run(cfg, run)
+    return run
+
+
+def test_export_codes_times_scale_is_q_of_w_and_onnx_agrees(trained_run, tmp_path):
+    report = export.export(trained_run, tmp_path / "out", verify=True)
+    assert report["onnx_ort_enable_basic"]["same_predictions"] >= 0.999
+    assert report["onnx_ort_enable_basic"]["test_acc"] == pytest.approx(report["qtrain_test_acc"], abs=0.2)
+    result = json.loads((trained_run / "result.json").read_text())
+    assert report["qtrain_test_acc"] == pytest.approx(result["final_test_acc"], abs=1e-9)
+
+    state = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=False)
+    q = make_weight_quantizer(2, "exact")
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        names = [k.removesuffix(".codes") for k in f.keys() if k.endswith(".codes")]
+        assert names
+        for name in names:
+            codes, scale = f.get_tensor(f"{name}.codes"), f.get_tensor(f"{name}.scale")
+            assert codes.dtype == torch.int8 and set(codes.unique().tolist()) <= {-1, 0, 1}
+            assert torch.equal(codes.float() * scale, q(state["model"][name]))  # exactly
+        assert f.metadata()["features.2.bits"] == "4"
+        assert abs(f.get_tensor("features.2.alpha").item() - state["model"]["features.2.alpha"].item()) < 1e-7
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node}
+    assert {"DequantizeLinear", "Ceil", "Clip"} <= ops
+
+
+def test_onnx_staircase_equals_qtrain_at_the_ties(tmp_path):
+    alpha, bits = torch.tensor(0.1946), 4
+    k = torch.arange(-2, 18, dtype=torch.float32)
+    exact = k * alpha  # x = k alpha: ceil must give k, not k + 1 (QuantizeLinear's rounding would not)
+    x = torch.cat([exact, torch.nextafter(exact, exact + 1), torch.nextafter(exact, exact - 1),
+                   torch.randn(5000) * 2])
+    module = export.Staircase(bits, float(alpha))
+    path = tmp_path / "s.onnx"
+    export.write_onnx(module, (x.numel(),), path)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x[None].numpy()})[0]
+    want = staircase(x, alpha, bits).numpy()
+    assert np.array_equal(got[0], want)
+
+
+def test_export_of_a_missing_run_is_one_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        export.main([str(tmp_path / "nothing")])
+    assert e.value.code == 2 and "no such checkpoint" in capsys.readouterr().err
