@@ -168,6 +168,21 @@ def check_arrays(source: str, tx, ty, vx, vy, num_classes: int, image_shape: tup
                             f"{y.dtype} values from {y.min()} to {y.max()}.")
 
 
+NPZ_KEYS = ("train_x", "train_y", "test_x", "test_y")
+
+
+def load_npz_arrays(path: str) -> list[np.ndarray]:
+    """train_x, train_y, test_x, test_y from an .npz file; a damaged or incomplete file is a DataError."""
+    try:
+        with np.load(path) as f:
+            return [f[k] for k in NPZ_KEYS]
+    except KeyError as e:
+        raise DataError(f"{path} lacks the array {e}; it needs {', '.join(NPZ_KEYS)}.") from None
+    except Exception as e:  # truncated, empty or not a zip: numpy raises many kinds
+        raise DataError(f"{path} cannot be read as a .npz array file ({type(e).__name__}: {e}). Replace it with "
+                        "an intact copy.") from None
+
+
 def _mnist_file(raw: str, stem: str) -> str | None:
     for cand in (os.path.join(raw, stem), os.path.join(raw, stem + ".gz")):
         if os.path.exists(cand):
@@ -192,6 +207,10 @@ def files_read(name: str, root: str, data_cfg=None):
         folder, parts = CIFAR_PICKLES[name]
         found = [os.path.join(root, folder, p) for p in parts]
         return found if all(os.path.exists(f) for f in found) else None
+    if name in ("idx", "npz"):
+        from qtrain import data_generic
+
+        return data_generic.files_of(name, root, data_cfg)
     if name == "imagenet":
         base = os.path.join(root, "imagenet")
         return base if all(os.path.isdir(os.path.join(base, s)) for s in ("train", "val")) else None
@@ -223,14 +242,7 @@ def read_cifar(root: str, name: str):
     npz = os.path.join(root, f"{name}.npz")
     classes = {"cifar10": 10, "cifar100": 100}[name]
     if os.path.exists(npz):
-        try:
-            with np.load(npz) as f:
-                arrays = [f[k] for k in ("train_x", "train_y", "test_x", "test_y")]
-        except KeyError as e:
-            raise DataError(f"{npz} lacks the array {e}; it needs train_x, train_y, test_x, test_y.") from None
-        except Exception as e:  # truncated, empty or not a zip: numpy raises many kinds
-            raise DataError(f"{npz} cannot be read as a .npz array file ({type(e).__name__}: {e}). Replace it with "
-                            "an intact copy.") from None
+        arrays = load_npz_arrays(npz)
         source = npz
     else:  # torchvision's extracted pickles, read without downloading (nothing is written into root)
         import torchvision
@@ -261,11 +273,11 @@ def _resolve_root(root: str) -> str:
 
 
 def _image_bundle(name, arrays, num_classes, batch_size, test_batch_size, limit_train, limit_test,
-                  augment, seed, device):
+                  augment, seed, device, stats=None):
     tx, ty, vx, vy = arrays
     tx, ty = _limit(tx, ty, limit_train)
     vx, vy = _limit(vx, vy, limit_test)
-    mean, std = STATS[name]
+    mean, std = stats or STATS[name]
     train = TensorLoader(tx, ty, batch_size, train=True, seed=seed, augment=augment, mean=mean, std=std, device=device)
     test = TensorLoader(vx, vy, test_batch_size, train=False, mean=mean, std=std, device=device)
     return DataBundle(train, test, num_classes, tuple(tx.shape[1:]))

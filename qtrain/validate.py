@@ -25,7 +25,7 @@ MAX_ABITS = 16  # 2^16 - 1 levels: the level index stays exact in float32, the s
 MAX_WBITS = 8   # the exact k-bit projection sorts n * (2^(k-1) - 1) breakpoints per layer per step
 MAX_SEED = 2**31 - 1
 AUGMENTS = {"mnist": (None, "crop_flip"), "cifar10": (None, "crop_flip"), "cifar100": (None, "crop_flip"),
-            "imagenet": (None, "standard")}
+            "imagenet": (None, "standard"), "idx": (None, "crop_flip"), "npz": (None, "crop_flip")}
 
 
 def _is_int(v) -> bool:
@@ -113,7 +113,7 @@ def check_proxy(fn, name: str) -> None:
 def validate(cfg: DictConfig, warn: bool = True) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ConfigError(f"{', '.join(missing)} must be given (the experiment leaves {'it' if len(missing) == 1 else 'them'}"
+        raise ConfigError(f"{', '.join(missing)} must be given (the config leaves {'it' if len(missing) == 1 else 'them'}"
                           f" to you), e.g. {missing[0]}=<value> on the command line.")
     _bits(cfg, "abits", MAX_ABITS)
     _bits(cfg, "wbits", MAX_WBITS)

@@ -52,9 +52,10 @@ def test_methods_optimizers_schedulers_build(make_cfg, mnist_root, method, optim
 
 @pytest.mark.parametrize("data", options("data"))
 def test_every_dataset_builds(make_cfg, mnist_root, fake_cifar_root, fake_imagenet_root, data):
-    root = {"mnist": mnist_root, "imagenet": fake_imagenet_root}.get(data, fake_cifar_root)
-    model = {"teacher": "twolayer", "imagenet": "resnet18", "mnist": "lenet5"}.get(data, "resnet20")
-    extra = ["data.image_size=32", "data.workers=0"] if data == "imagenet" else []
+    root = {"mnist": mnist_root, "idx": mnist_root, "imagenet": fake_imagenet_root}.get(data, fake_cifar_root)
+    model = {"teacher": "twolayer", "imagenet": "resnet18", "mnist": "lenet5", "idx": "lenet5"}.get(data, "resnet20")
+    extra = {"imagenet": ["data.image_size=32", "data.workers=0"],
+             "npz": ["data.file=cifar10.npz", "data.num_classes=10"]}.get(data, [])
     cfg = make_cfg(f"data={data}", f"model={model}", f"data.root={root}", "data.limit_train=8", "data.limit_test=8",
                    *extra)
     bundle, net, *_ = build(cfg, torch.device("cpu"))
