@@ -18,12 +18,15 @@ plus the relaxed u during BinaryRelax phase I. Q(w) is computed once per step pe
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 from torch import nn
 
 from qtrain.errors import ConfigError
 from qtrain.quant import QuantReLU
+
+log = logging.getLogger("qtrain")
 
 
 class Float:
@@ -160,7 +163,8 @@ class STE(Float):
 
 class BinaryRelax(STE):
     """[BR]: phase I at u = (lambda Q(w) + w) / (lambda + 1), lambda = lambda0 * growth^epoch;
-    from ``phase2_epoch`` on, phase II at u = Q(w). Defaults: the authors' notebook."""
+    after ``phase2_epoch`` phase-I epochs (logged epochs 1..phase2_epoch), phase II at u = Q(w).
+    Defaults: the authors' notebook."""
 
     name = "binaryrelax"
 
@@ -178,6 +182,8 @@ class BinaryRelax(STE):
     def on_epoch_start(self, epoch):
         super().on_epoch_start(epoch)
         self.lam = self.lambda0 * self.growth ** min(epoch, self.phase2_epoch)
+        if epoch == self.phase2_epoch:  # epoch is 0-based here; the logs count from 1
+            log.info("binaryrelax: phase II (u = Q(w)) from epoch %d on, after %d phase-I epochs", epoch + 1, epoch)
 
     def surrogate(self, w, q):
         if self.phase == 2:

@@ -136,8 +136,11 @@ def train_one_epoch(model, method, optimizer, loader, task, device, amp_dtype=No
         if bar is not None and (time.perf_counter() - last_draw > 1.0 or totals.batches == len(loader)):
             last_draw = time.perf_counter()  # redraw about once a second: each redraw is a host sync
             stats = totals.summary()
-            bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=stats["acc"] and f"{stats['acc']:.2f}",
-                            img_s=f"{(totals.n - first) / (last_draw - start):.0f}", refresh=False)
+            post = {"loss": f"{stats['loss']:.4f}"}
+            if stats["acc"] is not None:
+                post["acc"] = f"{stats['acc']:.2f}"
+            post["img/s"] = f"{(totals.n - first) / (last_draw - start):.0f}"
+            bar.set_postfix(post, refresh=False)
             bar.update(totals.batches - bar.n)
         if stop is not None and stop.requested:
             break
@@ -152,7 +155,7 @@ def train_one_epoch(model, method, optimizer, loader, task, device, amp_dtype=No
 
 
 @torch.no_grad()
-def evaluate(model, loader, task, device, amp_dtype=None) -> dict:
+def evaluate(model, loader, task, device, amp_dtype=None, bar=None) -> dict:
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct_sum = torch.zeros((), device=device, dtype=torch.long)
@@ -164,15 +167,21 @@ def evaluate(model, loader, task, device, amp_dtype=None) -> dict:
         correct = task.correct(out, y)
         correct_sum = None if correct is None else correct_sum + correct
         n += len(y)
+        if bar is not None:
+            bar.update(1)  # no host sync: the count is known on the host
     return _totals(loss_sum, correct_sum, n)
 
 
-def _progress_bar(enabled: bool, epoch: int, epochs: int, total: int, done: int = 0):
+def _progress_bar(enabled: bool, epoch: int, epochs: int, total: int, done: int = 0, what: str = "train"):
+    """A terminal progress bar (none when not a terminal): redrawn about once a second, sized to the
+    terminal; the training bar shows loss, acc, img/s in that order."""
     if not (enabled and sys.stderr.isatty()):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+    return tqdm(total=total, initial=done, desc=f"ep {epoch + 1}/{epochs} {what}", leave=False, dynamic_ncols=True,
+                mininterval=1.0, bar_format="{desc} |{bar:8}| {n_fmt}/{total_fmt} "
+                "{elapsed}<{remaining}{postfix}")
 
 
 def fit(model, method, optimizer, scheduler, data, task, recorder, *, epochs, start_epoch=0, device,
@@ -212,8 +221,13 @@ def fit(model, method, optimizer, scheduler, data, task, recorder, *, epochs, st
         scalars = {"train/loss": train["loss"], "train/acc": train["acc"], "lr": lr,
                    "train/images_per_s": train["images_per_s"], "train/epoch_seconds": train["seconds"]}
         for prefix, context in method.evaluations():
-            with context:
-                result = evaluate(model, data.test, task, device, amp_dtype)
+            bar = _progress_bar(progress, epoch, epochs, len(data.test), what=prefix)
+            try:
+                with context:
+                    result = evaluate(model, data.test, task, device, amp_dtype, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
             scalars[f"{prefix}/loss"], scalars[f"{prefix}/acc"] = result["loss"], result["acc"]
         scalars.update(method.on_epoch_end(epoch))
         recorder.end_epoch(epoch + 1, {k: v for k, v in scalars.items() if v is not None})

@@ -99,8 +99,9 @@ def figure_cgd(out: Path, steps: int = 600, eta: float = 0.05) -> None:
     ax_t.set_ylabel("angle(w, w*)")
     ax_t.axhline(math.pi, color="gray", lw=0.6, ls=":")
     ax_f.legend()
-    fig.suptitle(f"Coarse gradient descent from near a spurious minimum (m={m}, n={n}, eta={eta}): relu and "
-                 "clipped_relu descend monotonically to the critical point; identity is unstable", fontsize=10)
+    fig.suptitle(f"Coarse gradient descent from near a spurious minimum (m={m}, n={n}, eta={eta})\n"
+                 "relu and clipped_relu descend monotonically to the critical point; identity is unstable",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "ste_cgd_population.png", dpi=120)
     plt.close(fig)
