@@ -26,7 +26,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = ROOT / "configs" / "experiment"
-NOTES = "results/NOTES.md"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,10 +81,16 @@ def _data_of(cfg: dict) -> str:
 
 def not_run_reason(data: str) -> str:
     if data == "imagenet":
-        return "not run: needs ImageNet (not available on these machines)"
+        return "not run: needs ImageNet"
     if data.startswith("cifar"):
-        return "not run: needs a GPU (200-epoch schedule; no GPU was lent to the session)"
-    return "not run yet"
+        return "not run: needs a GPU (200-epoch schedule)"
+    return "not run"
+
+
+def run_label(run: dict) -> str:
+    """The run's command-line overrides (what a user recognises), else its folder name."""
+    overrides = [o for o in (run["overrides"] or []) if not o.startswith(("out_dir=", "progress=", "hydra."))]
+    return " ".join(overrides) if overrides else run["dir"].name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,13 +194,29 @@ def float_rows(runs: list[dict]) -> list[str]:
     rows = []
     for run in runs:
         r = run["result"]
-        if is_reproduction(run) and not experiment_of(run) and r["config"].get("abits") is None \
-                and r["config"].get("wbits") is None:
+        if is_reproduction(run) and not experiment_of(run) and is_float_start(run):
             c = r["config"]
             rows.append(f"| {c['data']['_target_'].split('.')[-1]} | {c['model']['_target_'].split('.')[-1]} | "
                         f"{c['seed']} | {fmt(r['final_test_acc'])} | {fmt(r['best_test_acc'])} | "
                         f"{r['final_train_loss']:.2e} | {epochs_text(r)} | {r['device']} | {duration(r['wall_time_s'])} |")
     return sorted(rows)
+
+
+def is_float_start(run: dict) -> bool:
+    c = run["result"]["config"]
+    return c.get("abits") is None and c.get("wbits") is None
+
+
+def runs_rows(runs: list[dict]) -> list[str]:
+    """Complete runs that are not paper cells nor float starting points: a user's own runs."""
+    rows = []
+    for run in runs:
+        r = run["result"]
+        if is_reproduction(run) and not experiment_of(run) and not is_float_start(run):
+            rows.append(f"| {run_label(run)} | {fmt(r['final_test_acc'])} | {fmt(r['best_test_acc'])} | "
+                        f"{r.get('best_epoch', '—')} | {loss_fmt(r.get('final_train_loss'))} | {epochs_text(r)} | "
+                        f"{r['device']} | {duration(r['wall_time_s'])} |")
+    return rows
 
 
 def other_rows(runs: list[dict]) -> list[str]:
@@ -206,7 +227,7 @@ def other_rows(runs: list[dict]) -> list[str]:
         r = run["result"]
         status = "incomplete" if not r else ("data-limited" if r.get("data_limited") else r.get("status", "?"))
         last = run["rows"][-1] if run["rows"] else {}
-        rows.append(f"| {run['dir'].name} | {experiment_of(run) or '—'} | {status} | {last.get('epoch', 0)} | "
+        rows.append(f"| {run_label(run)} | {experiment_of(run) or '—'} | {status} | {last.get('epoch', 0)} | "
                     f"{fmt(last.get('test/acc'))} |")
     return rows
 
@@ -223,6 +244,11 @@ def report(paths: list[Path]) -> str:
         out += ["### Float starting points (init=float)", "",
                 "| data | model | seed | final acc | best acc | final train loss | epochs | device | wall time |",
                 "|---|---|---|---|---|---|---|---|---|", *floats, ""]
+    own = runs_rows(runs)
+    if own:
+        out += ["### Runs", "",
+                "| run (overrides) | final acc | best acc | best epoch | final train loss | epochs | device | wall time |",
+                "|---|---|---|---|---|---|---|---|", *sorted(own), ""]
     others = other_rows(runs)
     if others:
         out += ["### Runs that are not reproductions (incomplete or data-limited)", "",

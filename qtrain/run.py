@@ -341,7 +341,7 @@ def _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp,
     data, model, method, optimizer, scheduler, task, names = build(cfg, device)
     if init_path:
         load_init(model, init_path)
-    summary = model_summary(model, names, cfg.wbits, cfg.abits)
+    summary = model_summary(model, names, cfg.wbits, cfg.abits, data.input_shape)
     log.info("model summary\n%s", format_summary(summary))
 
     start_epoch, best, elapsed_before, partial = 0, None, 0.0, None

@@ -68,3 +68,15 @@ def test_scaled_runs_get_their_own_table_and_say_so(tmp_path):
     # the full-schedule table still says the cell was not run at the paper's length
     full = [line for line in text.split("ours at 1/10")[0].splitlines() if line.startswith(f"| {EXP} |")]
     assert full and "not run" in full[0]
+
+
+def test_users_own_runs_get_a_runs_table_labelled_by_overrides(tmp_path):
+    d = fake_run(tmp_path, "mine/s0_20260101-000000", 0, 97.5)
+    result = json.loads((d / "result.json").read_text())
+    result.update(choices={}, config={"seed": 0, "abits": 4, "wbits": 1})
+    (d / "result.json").write_text(json.dumps(result))
+    (d / "overrides.yaml").write_text("- method=bcgd\n- wbits=1\n- abits=4\n- out_dir=x\n")
+    text = report.report([tmp_path])
+    runs = text.split("### Runs\n")[1].split("###")[0]
+    assert "| method=bcgd wbits=1 abits=4 | 97.50 |" in runs and "s0_2026" not in runs
+    assert "session" not in text  # notes about how the committed results were made stay in RESULTS.md
