@@ -23,22 +23,17 @@ from qtrain import checkpoint
 from qtrain.errors import QtrainError
 
 
-def checkpoint_path(path: Path) -> Path:
+def load_run(path: Path, data_root: str | None = None, device: str = "cpu", limit_test: int | None = None):
+    """(checkpoint path, state, cfg, data, model in eval mode, quantized weight names, method) of a run
+    folder or checkpoint file: rebuilt from the config stored in the (verified) checkpoint."""
+    from qtrain.run import build, pick_device
+
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoints" / "last.pt"
-    return path
-
-
-def evaluate_checkpoint(path: Path, data_root: str | None = None, device: str = "cpu",
-                        limit_test: int | None = None) -> dict:
-    from qtrain.run import build, pick_device
-    from qtrain.train import evaluate
-
-    path = checkpoint_path(path)
-    state = checkpoint.load(path) if path.exists() else None
-    if state is None:
+    if not path.exists():
         raise QtrainError(f"{path}: no such checkpoint. Give a run folder or a qtrain checkpoint file.")
+    state = checkpoint.load(path)
     if "config" not in state:
         raise QtrainError(f"{path} holds no config, so the model cannot be rebuilt: it is not a qtrain run checkpoint.")
     cfg = OmegaConf.create(state["config"])
@@ -49,9 +44,19 @@ def evaluate_checkpoint(path: Path, data_root: str | None = None, device: str = 
             cfg.data.limit_test = limit_test
         cfg.data.limit_train = 1  # the training split is not needed
         cfg.device = device
-    dev = pick_device(device)
-    data, model, method, *_ = build(cfg, dev)
+        cfg.channels_last = False
+    data, model, method, *_, names = build(cfg, pick_device(device))
     model.load_state_dict(state["model"])
+    return path, state, cfg, data, model.eval(), names, method
+
+
+def evaluate_checkpoint(path: Path, data_root: str | None = None, device: str = "cpu",
+                        limit_test: int | None = None) -> dict:
+    from qtrain.run import pick_device
+    from qtrain.train import evaluate
+
+    path, state, cfg, data, model, names, method = load_run(path, data_root, device, limit_test)
+    dev = pick_device(device)
     name, context = method.evaluations()[0]  # the hard-quantized weights Q(w)
     amp = torch.bfloat16 if cfg.precision == "bf16" else None
     with context:

@@ -35,11 +35,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf, open_dict
 from torch import nn
 
-from qtrain import checkpoint
 from qtrain.errors import QtrainError
+from qtrain.eval_cli import load_run
 from qtrain.quant import QuantReLU, make_code_quantizer
 
 
@@ -91,30 +90,6 @@ class Staircase(nn.Module):
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
-def load_run(path: Path, data_root: str | None = None, device: str = "cpu"):
-    """(state, cfg, data, model, quantized weight names) of a run folder or checkpoint file."""
-    from qtrain.run import build, pick_device
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
-    if not path.exists():
-        raise QtrainError(f"{path}: no such checkpoint. Give a run folder or a qtrain checkpoint file.")
-    state = checkpoint.load(path)
-    if "config" not in state:
-        raise QtrainError(f"{path} holds no config: it is not a qtrain run checkpoint.")
-    cfg = OmegaConf.create(state["config"])
-    with open_dict(cfg):
-        if data_root:
-            cfg.data.root = data_root
-        cfg.data.limit_train = 1
-        cfg.device = device
-        cfg.channels_last = False
-    data, model, method, *_, names = build(cfg, pick_device(device))
-    model.load_state_dict(state["model"])
-    return path, state, cfg, data, model.eval(), names
 
 
 def export_model(model: nn.Module, cfg, names: list[str]):
@@ -176,7 +151,7 @@ def qtrain_predictions(model: nn.Module, loader) -> torch.Tensor:
 def export(path: Path, out: Path | None = None, data_root: str | None = None, verify: bool = False) -> dict:
     from safetensors.torch import save_file
 
-    ckpt, state, cfg, data, model, names = load_run(path, data_root)
+    ckpt, state, cfg, data, model, names, _ = load_run(path, data_root)
     out = Path(out) if out else ckpt.parent.parent / "export"
     out.mkdir(parents=True, exist_ok=True)
     exported, tensors, meta = export_model(model, cfg, names)

@@ -474,6 +474,11 @@ def _result(cfg, given, recorder, model, method, names, summary, device, code, i
 
 def main_run(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
     """Entry from the CLI: pick what to resume, then train."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:  # started by torchrun: N independent copies would write into one folder
+        raise ConfigError(f"qtrain was started as one of {world} processes (WORLD_SIZE={world}, e.g. by torchrun), "
+                          "but data-parallel training is not built yet: each process would train the same model "
+                          "into the same run folder. Start a single process (no torchrun).")
     validate(cfg, warn=False)  # before the fingerprint is taken (train_run validates again, with warnings)
     resume_dir = None
     if cfg.resume is True:
