@@ -399,7 +399,8 @@ def _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp,
     if outcome == "stopped":
         return {"status": "stopped", "run_dir": str(run_dir)}
     result = _result(cfg, given, recorder, model, method, names, summary, device, code, init_path, choices,
-                     resume_dir is not None and start_epoch > 0, elapsed_before + time.time() - started, run_dir,
+                     resume_dir is not None and (start_epoch > 0 or partial is not None),
+                     elapsed_before + time.time() - started, run_dir,
                      resolved)
     recorder.write_result(result)
     recorder.log_hparams(hparams_of(resolved, overrides_of(run_dir)),

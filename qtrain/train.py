@@ -50,8 +50,8 @@ def _totals(loss_sum, correct_sum, n):
 class EpochTotals:
     """Running sums of one training epoch, kept on the device (no host sync per batch).
 
-    ``state()``/``from_state()`` carry them through a mid-epoch checkpoint, so a run resumed there
-    reports the same epoch loss and accuracy as an uninterrupted one.
+    ``state()`` goes into a mid-epoch checkpoint and ``EpochTotals(device, **state)`` restores it, so a
+    run resumed there reports the same epoch loss and accuracy as an uninterrupted one.
     """
 
     def __init__(self, device, loss_sum=0.0, correct_sum=0, n=0, batches=0):
@@ -88,7 +88,7 @@ class DivergenceWatch:
         if (step + 1) % self.every == 0:
             self.check(step)
 
-    def check(self, step, epoch=None):
+    def check(self, step):
         """Raise :class:`NonFinite` (fit adds the epoch) if the loss or any weight is non-finite."""
         first = int(self.first_bad)
         if first >= 0:
