@@ -222,7 +222,21 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the torchvision baseline")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's choice, OMP_NUM_THREADS)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--loader", action="store_true",
+                   help="instead: the ImageNet input pipeline on generated JPEGs vs torchvision, per worker count")
+    p.add_argument("--loader-images", type=int, default=1000, help="with --loader: JPEG files to generate")
+    p.add_argument("--loader-workers", type=int, nargs="*", default=[0, 1, 2], help="with --loader: worker counts")
     args = p.parse_args(argv)
+    if args.loader:
+        from qtrain.bench_loader import bench_loaders, print_table
+
+        rows = bench_loaders(args.loader_workers, args.loader_images, rounds=args.rounds)
+        print(f"# qtrain-bench {' '.join(sys.argv[1:] if argv is None else argv)}\n# {machine(torch.device('cpu'))}, "
+              f"torch {torch.__version__}, {args.loader_images} generated JPEGs, batch 64, RandomResizedCrop 224")
+        print_table(rows)
+        if args.json:
+            args.json.write_text(json.dumps({"machine": machine(torch.device("cpu")), "rows": rows}, indent=2) + "\n")
+        return
     names = list(variants(args.abits))
     args.variants = args.variants or names
     unknown = [v for v in args.variants if v not in names]

@@ -307,60 +307,6 @@ def cifar100(root, batch_size=128, test_batch_size=1000, limit_train=None, limit
                          device)
 
 
-class _EpochSeededLoader:
-    """A DataLoader whose shuffle order is seeded by (seed, epoch), like TensorLoader."""
-
-    def __init__(self, dataset, batch_size, train, seed, workers, device):
-        self.dataset, self.batch_size, self.train, self.seed = dataset, batch_size, train, seed
-        self.workers, self.device, self.epoch, self.first_batch = workers, torch.device(device), 0, 0
-
-    def set_epoch(self, epoch, first_batch=0):
-        self.epoch, self.first_batch = epoch, first_batch
-
-    def __len__(self):
-        return -(-len(self.dataset) // self.batch_size)
-
-    def __iter__(self):
-        n = len(self.dataset)
-        order = torch.randperm(n, generator=epoch_generator(self.seed, self.epoch)) if self.train else torch.arange(n)
-        # the (seed, epoch) order, from the first batch not yet trained on
-        indices = order[self.first_batch * self.batch_size:].tolist()
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=indices, num_workers=self.workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
-            generator=epoch_generator(self.seed + 1, self.epoch))
-        for x, y in loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-
-def imagenet(root, batch_size=256, test_batch_size=256, limit_train=None, limit_test=None, augment="standard",
-             image_size=224, workers=8, seed=0, device="cpu"):
-    """ImageNet as ImageFolders <root>/imagenet/{train,val}, with the standard augmentation."""
-    import torchvision.transforms as T
-    from torchvision.datasets import ImageFolder
-
-    base = os.path.join(_resolve_root(root), "imagenet")
-    for split in ("train", "val"):
-        if not os.path.isdir(os.path.join(base, split)):
-            raise _missing("ImageNet", [os.path.join(base, split)],
-                           "ImageFolder layouts imagenet/train/<class>/*.JPEG and imagenet/val/<class>/*.JPEG",
-                           "Prepare the validation split in per-class folders (e.g. with the usual valprep script).")
-    mean, std = STATS["imagenet"]
-    norm = T.Normalize(mean, std)
-    train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
-    test_tf = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(), norm])
-    train_set = ImageFolder(os.path.join(base, "train"), train_tf if augment else test_tf)
-    test_set = ImageFolder(os.path.join(base, "val"), test_tf)
-    if limit_train is not None:
-        train_set = torch.utils.data.Subset(train_set, range(min(limit_train, len(train_set))))
-    if limit_test is not None:
-        test_set = torch.utils.data.Subset(test_set, range(min(limit_test, len(test_set))))
-    classes = len(train_set.dataset.classes if limit_train is not None else train_set.classes)
-    return DataBundle(_EpochSeededLoader(train_set, batch_size, True, seed, workers, device),
-                      _EpochSeededLoader(test_set, test_batch_size, False, seed, workers, device),
-                      classes, (3, image_size, image_size))
-
-
 def teacher_problem(m: int, n: int, seed: int):
     """The teacher of SPEC §5: w* on the unit sphere and v*, drawn from the seed."""
     g = torch.Generator().manual_seed(10_000 + seed)

@@ -69,3 +69,20 @@ def test_real_mnist(mnist_root):
     assert len(bundle.train.x) == 60000 and len(bundle.test.x) == 10000
     assert bundle.train.x.dtype == torch.uint8 and tuple(bundle.input_shape) == (1, 28, 28)
     assert torch.bincount(bundle.test.y).tolist()[:2] == [980, 1135]  # the well-known test class counts
+
+
+def test_imagenet_loader_is_a_function_of_seed_and_epoch(fake_imagenet_root):
+    """Same batches whatever the number of workers, different per epoch, and a mid-epoch start
+    yields exactly the rest of the epoch (resume)."""
+    from qtrain.data_imagenet import imagenet
+
+    def epoch(workers, e, first=0):
+        bundle = imagenet(fake_imagenet_root, batch_size=2, image_size=32, workers=workers, seed=3)
+        bundle.train.set_epoch(e, first)
+        return [(x.clone(), y.clone()) for x, y in bundle.train]
+
+    a, b = epoch(0, 1), epoch(2, 1)
+    assert len(a) == 3 and all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+    assert not torch.equal(a[0][0], epoch(0, 2)[0][0])  # another epoch: other order and crops
+    tail = epoch(2, 1, first=1)
+    assert len(tail) == 2 and all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a[1:], tail))
