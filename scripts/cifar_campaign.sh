@@ -17,7 +17,7 @@ OUT=outputs/cifar
 KEEP=results/cifar10_resnet20_s01
 SCALE=0.1
 QTRAIN=.venv/bin/qtrain
-export QTRAIN_DATA="${QTRAIN_DATA:-$(cd ../shared/data && pwd)}"
+export QTRAIN_DATA="${QTRAIN_DATA:-$(cd ../shared/data 2>/dev/null && pwd)}"
 LANE_A="ste/cifar10_resnet20_a4_clipped_relu ste/cifar10_resnet20_a2_clipped_relu ste/cifar10_resnet20_a4_relu br/cifar10_resnet20_w1"
 LANE_B="ste/cifar10_resnet20_a4_identity ste/cifar10_resnet20_a2_relu ste/cifar10_resnet20_a2_identity bcgd/cifar10_resnet20_w1a4"
 
