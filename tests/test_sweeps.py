@@ -55,3 +55,21 @@ def test_qtrain_eval_reproduces_the_runs_own_test_accuracy(tmp_path, mnist_root)
     bad = subprocess.run([str(Path(QTRAIN).parent / "qtrain-eval"), str(tmp_path / "nope")], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "no such checkpoint" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_submitit_local_sweep_runs_jobs_and_reports_a_failure(tmp_path, mnist_root):
+    r = run("-m", "hydra/launcher=submitit_local", "abits=0,2", *TINY, cwd=tmp_path, data=mnist_root)
+    assert r.returncode == 1, r.stderr
+    assert "did not complete" in r.stderr and "abits=0" in r.stderr
+    (sweep,) = (tmp_path / "out" / "multirun").iterdir()
+    rows = {row["overrides"].split()[0]: row["status"] for row in csv.DictReader(open(sweep / "summary.csv"))}
+    assert rows == {"abits=0": "failed or incomplete (see its qtrain.log)", "abits=2": "complete"}
+
+
+def test_slurm_launcher_config_composes(tmp_path):
+    r = run("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.account=proj", "--cfg", "hydra",
+            cwd=tmp_path, data=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    launcher = yaml.safe_load(r.stdout)["hydra"]["launcher"]
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert launcher["partition"] == "gpu" and launcher["account"] == "proj" and launcher["max_num_timeout"] == 3
