@@ -68,7 +68,8 @@ def paper_experiments() -> dict[str, dict]:
     for f in sorted(EXPERIMENTS.glob("**/*.yaml")):
         cfg = yaml.safe_load(f.read_text()) or {}
         if cfg.get("paper"):
-            out[str(f.relative_to(EXPERIMENTS).with_suffix(""))] = {**cfg["paper"], "_data": _data_of(cfg)}
+            out[str(f.relative_to(EXPERIMENTS).with_suffix(""))] = {**cfg["paper"], "_data": _data_of(cfg),
+                                                                    "_epochs": cfg.get("epochs")}
     return out
 
 
@@ -79,12 +80,12 @@ def _data_of(cfg: dict) -> str:
     return "?"
 
 
-def not_run_reason(data: str) -> str:
+def not_run_reason(data: str, epochs=None) -> str:
     if data == "imagenet":
         return "not run: needs ImageNet"
-    if data.startswith("cifar"):
-        return "not run: needs a GPU (200-epoch schedule)"
-    return "not run"
+    if data.startswith("cifar") and (epochs or 0) >= 100:
+        return f"not run: needs a GPU ({epochs}-epoch schedule)"
+    return "not run yet"
 
 
 def run_label(run: dict) -> str:
@@ -170,7 +171,7 @@ def table_rows(runs: list[dict], papers: dict[str, dict]) -> dict[str, list[str]
 def _row(exp, ref, ref_text, loss_text, paper, results) -> str:
     """One markdown row: the paper's number beside ours (mean over seeds), or why it was not run."""
     if not results:
-        return f"| {exp} | {ref_text} | {loss_text} | {not_run_reason(paper['_data'])} | | | | | | | |"
+        return f"| {exp} | {ref_text} | {loss_text} | {not_run_reason(paper['_data'], paper.get('_epochs'))} | | | | | | | |"
     final = [r["final_test_acc"] for r in results]
     best = [r["best_test_acc"] for r in results]
     losses = [r["final_train_loss"] for r in results]
