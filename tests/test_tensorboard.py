@@ -43,3 +43,30 @@ def test_per_step_schedule_moves_within_an_epoch_and_resumes_exactly(make_cfg, m
     a = torch.load(tmp_path / "outputs" / "full" / "checkpoints" / "last.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "outputs" / "part" / "checkpoints" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_progress_bar_shows_loss_acc_img_s_in_that_order(monkeypatch):
+    import time
+
+    from qtrain import train
+    from qtrain.methods import Float
+
+    class Bar:
+        n, posts = 0, []
+
+        def set_postfix(self, post, refresh=False):
+            self.posts.append(list(post))
+
+        def update(self, k):
+            self.n += k
+
+    model = torch.nn.Linear(4, 3)
+    method = Float()
+    method.attach(model)
+    loader = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(5)]
+    clock = iter(range(0, 1000, 2))  # every step is "2 s later": a redraw each step
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    bar = Bar()
+    train.train_one_epoch(model, method, torch.optim.SGD(model.parameters(), lr=0.1), loader,
+                          train.Classification(), torch.device("cpu"), bar=bar)
+    assert bar.posts and all(p == ["loss", "acc", "img/s"] for p in bar.posts) and bar.n == 5
