@@ -69,8 +69,8 @@ def _hydra_main(cfg: DictConfig) -> float:
         result = main_run(cfg, run_dir, choices)
     except Interrupted as e:  # a signal: one line, and a sweep stops here too
         args = [a for a in sys.argv[1:] if not a.startswith(("resume=", "-m", "--multirun"))]
-        print(f"qtrain: {e} Continue with: qtrain {' '.join(args)} resume={e.run_dir}".replace("  ", " "),
-              file=sys.stderr)
+        again = " ".join(sys.argv[1:]) if e.run_dir is None else f"{' '.join(args)} resume={e.run_dir}"
+        print(f"qtrain: {e} Continue with: qtrain {again}".replace("  ", " "), file=sys.stderr)
         sys.exit(e.exit_code)
     except QtrainError as e:
         if hc.mode != RunMode.MULTIRUN:

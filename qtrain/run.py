@@ -235,7 +235,11 @@ def float_checkpoint(cfg: DictConfig) -> Path:
         else:
             log.info("init=float: training the float model first, in %s", run_dir)
             resume = run_dir if checkpoint.has_checkpoint(ckpt) else None
-            train_run(fcfg, run_dir, resume_dir=resume)
+            try:
+                train_run(fcfg, run_dir, resume_dir=resume)
+            except Interrupted as e:  # the float model continues where it stopped when this command runs again
+                raise Interrupted(f"{e} (the float model that init=float trains first; running the same command "
+                                  "again continues it where it stopped)", e.exit_code, None) from None
     return ckpt
 
 
