@@ -17,3 +17,21 @@ def test_bench_smoke(tmp_path, mnist_root, capsys):
     data = result["data"]
     assert data["images"] == 60000 and data["qtrain_images_per_s"] > 0 and data["torchvision_images_per_s"] > 0
     assert "| w1a4 bcgd |" in capsys.readouterr().out
+
+
+def test_loader_benchmark_smoke(capsys):
+    from qtrain.bench_loader import bench_loaders, print_table
+
+    rows = bench_loaders(workers_list=(0,), n=16, batch_size=8, rounds=1, image_size=32)
+    assert rows[0]["qtrain_images_per_s"] > 0 and rows[0]["torchvision_images_per_s"] > 0
+    print_table(rows)
+    assert "qtrain / torchvision" in capsys.readouterr().out
+
+
+def test_resnet20_bench_has_the_plain_pytorch_floor(tmp_path, fake_cifar_root):
+    out = tmp_path / "bench.json"
+    bench.main(["--model", "resnet20", "--data", "cifar10", "--data-root", fake_cifar_root, "--batch-size", "8",
+                "--steps", "1", "--rounds", "1", "--warmup", "1", "--no-data", "--device", "cpu",
+                "--variants", "float", "--json", str(out)])
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["steps"]}
+    assert rows[bench.FLOOR]["ratio_to_plain"] == 1.0 and rows["float"]["ratio_to_plain"] > 0
