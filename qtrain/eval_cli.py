@@ -24,7 +24,7 @@ from qtrain.errors import QtrainError
 
 
 def load_run(path: Path, data_root: str | None = None, device: str = "cpu", limit_test: int | None = None):
-    """(checkpoint path, state, cfg, data, model in eval mode, quantized weight names, method) of a run
+    """(checkpoint path, state, cfg, data, model in eval mode, quantized weight names, method, task) of a run
     folder or checkpoint file: rebuilt from the config stored in the (verified) checkpoint."""
     from qtrain.run import build, pick_device
 
@@ -45,9 +45,9 @@ def load_run(path: Path, data_root: str | None = None, device: str = "cpu", limi
         cfg.data.limit_train = 1  # the training split is not needed
         cfg.device = device
         cfg.channels_last = False
-    data, model, method, *_, names = build(cfg, pick_device(device))
+    data, model, method, _, _, task, names = build(cfg, pick_device(device))
     model.load_state_dict(state["model"])
-    return path, state, cfg, data, model.eval(), names, method
+    return path, state, cfg, data, model.eval(), names, method, task
 
 
 def evaluate_checkpoint(path: Path, data_root: str | None = None, device: str = "cpu",
@@ -55,22 +55,16 @@ def evaluate_checkpoint(path: Path, data_root: str | None = None, device: str = 
     from qtrain.run import pick_device
     from qtrain.train import evaluate
 
-    path, state, cfg, data, model, names, method = load_run(path, data_root, device, limit_test)
+    path, state, cfg, data, model, names, method, task = load_run(path, data_root, device, limit_test)
     dev = pick_device(device)
     name, context = method.evaluations()[0]  # the hard-quantized weights Q(w)
     amp = torch.bfloat16 if cfg.precision == "bf16" else None
     with context:
-        result = evaluate(model, data.test, _task(data), dev, amp)
+        result = evaluate(model, data.test, task, dev, amp)
     return {"checkpoint": str(path), "epoch": state.get("epoch"), "test_acc": result["acc"],
             "test_loss": result["loss"], "test_samples": sum(len(y) for _, y in data.test),
             "data": cfg.data._target_.rsplit(".", 1)[-1], "data_root": str(cfg.data.get("root")),
             "device": str(dev)}
-
-
-def _task(data):
-    from qtrain.train import Classification, Regression
-
-    return Regression() if data.task == "regression" else Classification()
 
 
 def main(argv=None) -> None:

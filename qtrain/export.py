@@ -151,7 +151,7 @@ def qtrain_predictions(model: nn.Module, loader) -> torch.Tensor:
 def export(path: Path, out: Path | None = None, data_root: str | None = None, verify: bool = False) -> dict:
     from safetensors.torch import save_file
 
-    ckpt, state, cfg, data, model, names, _ = load_run(path, data_root)
+    ckpt, state, cfg, data, model, names, method, _ = load_run(path, data_root)
     out = Path(out) if out else ckpt.parent.parent / "export"
     out.mkdir(parents=True, exist_ok=True)
     exported, tensors, meta = export_model(model, cfg, names)
@@ -162,7 +162,8 @@ def export(path: Path, out: Path | None = None, data_root: str | None = None, ve
               "quantized_layers": len(names)}
     if verify:
         labels = torch.cat([y for _, y in data.test])
-        ours = qtrain_predictions_at_q(model, cfg, names, data.test)
+        with method.evaluations()[0][1]:  # qtrain's own evaluation: Q(w) installed, as the run's test/acc
+            ours = qtrain_predictions(model, data.test)
         report.update({"test_samples": len(labels), "qtrain_test_acc": 100 * int((ours == labels).sum()) / len(labels)})
         # ORT_ENABLE_ALL adds layout transforms and fusions that sum the convolutions in another order;
         # a last-bit difference can move an activation across a staircase step, so both are reported
@@ -172,24 +173,6 @@ def export(path: Path, out: Path | None = None, data_root: str | None = None, ve
                                                "test_acc": 100 * int((theirs == labels).sum()) / len(labels)}
     (out / "export.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-def qtrain_predictions_at_q(model, cfg, names, loader) -> torch.Tensor:
-    """qtrain's own evaluation: the training model with Q(w) installed (as the run's test/acc)."""
-    from qtrain.quant import make_weight_quantizer
-
-    quantizer = make_weight_quantizer(cfg.wbits, cfg.wquant)
-    params = dict(model.named_parameters())
-    saved = {n: params[n].detach().clone() for n in names}
-    try:
-        with torch.no_grad():
-            for n in names:
-                params[n].copy_(quantizer(saved[n]))
-        return qtrain_predictions(model, loader)
-    finally:
-        with torch.no_grad():
-            for n in names:
-                params[n].copy_(saved[n])
 
 
 def main(argv=None) -> None:

@@ -157,7 +157,11 @@ def build(cfg: DictConfig, device: torch.device):
 
 def fingerprint(cfg: DictConfig) -> str:
     """Hash of everything that changes what a run computes (of :func:`identity`)."""
-    return hashlib.sha256(json.dumps(identity(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return identity_hash(identity(cfg))
+
+
+def identity_hash(ident: dict) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def identity(cfg: DictConfig) -> dict:
@@ -313,7 +317,7 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
     run_dir = Path(resume_dir if resume_dir is not None else run_dir)
     device = pick_device(cfg.device)
     ident = identity(cfg)  # of the config as given (schedule_scale included, not yet applied)
-    fp = fingerprint(cfg)
+    fp = identity_hash(ident)  # (not fingerprint(cfg): that would hash the dataset's files a second time)
     # the float model gets the same schedule_scale, applied to the float recipe
     if cfg.init not in (None, "float"):
         check_init_file(str(cfg.init))
