@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -226,7 +227,20 @@ def main(argv=None):
                    help="instead: the ImageNet input pipeline on generated JPEGs vs torchvision, per worker count")
     p.add_argument("--loader-images", type=int, default=1000, help="with --loader: JPEG files to generate")
     p.add_argument("--loader-workers", type=int, nargs="*", default=[0, 1, 2], help="with --loader: worker counts")
+    p.add_argument("--ddp", action="store_true",
+                   help="instead: LeNet-5 step time of devices=2 (Gloo, CPU) vs devices=1, and plain PyTorch DDP")
     args = p.parse_args(argv)
+    if args.ddp:
+        from qtrain.bench_ddp import format_table, run
+
+        root = args.data_root or os.environ.get("QTRAIN_DATA", "data")
+        result = run(root, rounds=args.rounds)
+        print(f"# qtrain-bench {' '.join(sys.argv[1:] if argv is None else argv)}\n# {machine(torch.device('cpu'))}, "
+              f"torch {torch.__version__}; LeNet-5/MNIST (6,400 samples), batch 64, a2; median of {args.rounds} rounds")
+        print(format_table(result))
+        if args.json:
+            args.json.write_text(json.dumps({"machine": machine(torch.device("cpu")), **result}, indent=2) + "\n")
+        return
     if args.loader:
         from qtrain.bench_loader import bench_loaders, print_table
 

@@ -8,6 +8,7 @@ and lists the failed jobs.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import textwrap
 import traceback
@@ -29,15 +30,33 @@ OmegaConf.register_new_resolver("bits", lambda b: "f" if b is None else str(b), 
 
 
 def _say(message: str) -> None:
+    if _other_rank():  # torchrun: rank 0 says it
+        return
     print("qtrain: error: " + textwrap.fill(message, width=100, subsequent_indent="  ", break_long_words=False,
                                                  break_on_hyphens=False), file=sys.stderr)
 
 
+def _torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "RANK" in os.environ
+
+
+def _other_rank() -> bool:
+    return _torchrun() and os.environ.get("RANK") != "0"
+
+
+_agreed: dict[str, str] = {}
+
+
 def _unique_dir(path: str) -> str:
     """Run and sweep folders are created exclusively: two runs started in the same second get two
-    folders. Hydra resolves this before our task function runs, so a failure is reported here."""
+    folders. Hydra resolves this before our task function runs, so a failure is reported here.
+    Under torchrun, rank 0 creates the folder and every rank uses it."""
     try:
-        return unique_dir(path)
+        if path not in _agreed:
+            from qtrain import distributed
+
+            _agreed[path] = distributed.current().decide(unique_dir, path)
+        return _agreed[path]
     except QtrainError as e:
         _say(str(e))
         sys.exit(e.exit_code)
@@ -70,7 +89,8 @@ def _hydra_main(cfg: DictConfig) -> float:
     except Interrupted as e:  # a signal: one line, and a sweep stops here too
         args = [a for a in sys.argv[1:] if not a.startswith(("resume=", "-m", "--multirun"))]
         again = " ".join(sys.argv[1:]) if e.run_dir is None else f"{' '.join(args)} resume={e.run_dir}"
-        print(f"qtrain: {e} Continue with: qtrain {again}".replace("  ", " "), file=sys.stderr)
+        if not _other_rank():
+            print(f"qtrain: {e} Continue with: qtrain {again}".replace("  ", " "), file=sys.stderr)
         sys.exit(e.exit_code)
     except QtrainError as e:
         if hc.mode != RunMode.MULTIRUN:
@@ -92,7 +112,21 @@ def main() -> None:
         _say(f"the config folder {CONFIG_DIR} is missing. qtrain reads its configs from the repository's configs/ "
              "folder: install it from a checkout with `pip install -e .` (or `make install`).")
         sys.exit(2)
-    _hydra_main()
+    if _torchrun():  # one process of several: join the group before Hydra makes the run folder
+        from qtrain import distributed
+
+        try:
+            distributed.join_torchrun(sys.argv)
+        except QtrainError as e:
+            _say(str(e))
+            sys.exit(e.exit_code)
+    try:
+        _hydra_main()
+    finally:
+        if _torchrun():
+            from qtrain import distributed
+
+            distributed.leave()
     from qtrain import sweep_summary
 
     if _failed_jobs:  # jobs that ran in this process: with their error messages

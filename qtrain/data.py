@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qtrain.errors import DataError
+from qtrain.errors import ConfigError, DataError
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -73,6 +73,7 @@ class TensorLoader:
         self.batch_size, self.train, self.seed, self.augment = int(batch_size), train, seed, augment
         self.device = torch.device(device)
         self.epoch, self.first_batch = 0, 0
+        self.rank, self.world = 0, 1  # a data-parallel run's rank: see shard()
         if mean is not None:
             shape = (1, -1) + (1,) * (x.dim() - 2)
             self.shift = (torch.tensor(mean) * 255).view(shape).to(device)
@@ -85,8 +86,16 @@ class TensorLoader:
         mid-epoch skips the batches it already trained on, without drawing them)."""
         self.epoch, self.first_batch = epoch, first_batch
 
+    def shard(self, rank: int, world: int) -> None:
+        """Yield only this rank's share (see :func:`rank_slice`); the batch size stays the global one."""
+        check_shardable(len(self.x), self.batch_size, world, self.train)
+        self.rank, self.world = rank, world
+
+    def loss_weight(self, batch: int) -> float:
+        return loss_weight(len(self.x), self.batch_size, self.rank, self.world, batch)
+
     def __len__(self):
-        return -(-len(self.x) // self.batch_size)
+        return batches_of(len(self.x), self.batch_size, self.rank, self.world, self.train)
 
     def _normalise(self, xb):
         if self.shift is None:
@@ -96,7 +105,7 @@ class TensorLoader:
     def __iter__(self):
         n = len(self.x)
         if not self.train:
-            for i in range(0, n, self.batch_size):
+            for i in range(self.rank * self.batch_size, n, self.world * self.batch_size):
                 yield self._normalise(self.x[i:i + self.batch_size]), self.y[i:i + self.batch_size]
             return
         g = epoch_generator(self.seed, self.epoch)
@@ -105,11 +114,58 @@ class TensorLoader:
             offsets = torch.randint(0, 9, (2, n), generator=g).to(self.device)
             flips = (torch.rand(n, generator=g) < 0.5).to(self.device)
         for i in range(self.first_batch * self.batch_size, n, self.batch_size):
-            idx = order[i:i + self.batch_size]
+            # positions i .. i + batch_size of the epoch's order (one rank: all of them)
+            pos = slice(i, i + self.batch_size) if self.world == 1 else rank_slice(i, n, self.batch_size, self.rank,
+                                                                                    self.world)
+            idx = order[pos]
             xb = self.x[idx]
             if self.augment == "crop_flip":
-                xb = crop_flip(xb, offsets[0, i:i + len(idx)], offsets[1, i:i + len(idx)], flips[i:i + len(idx)])
+                xb = crop_flip(xb, offsets[0, pos], offsets[1, pos], flips[pos])
             yield self._normalise(xb), self.y[idx]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding a batch across the ranks of a data-parallel run (distributed.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def rank_slice(start: int, n: int, batch_size: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s part of the batch at positions start .. start + batch_size (of n): the batch
+    split into ``world`` contiguous parts whose sizes differ by at most one (torch.tensor_split)."""
+    size = min(batch_size, n - start)
+    base, extra = divmod(size, world)
+    lo = start + rank * base + min(rank, extra)
+    return slice(lo, lo + base + (1 if rank < extra else 0))
+
+
+def loss_weight(n: int, batch_size: int, rank: int, world: int, batch: int) -> float:
+    """Weight of this rank's mean loss on training batch ``batch``: DistributedDataParallel averages
+    the ranks' gradients, which is the gradient of the whole batch's mean loss only when the parts
+    are equal. The last batch may split unevenly; each rank's loss then counts by its size."""
+    size = min(batch_size, n - batch * batch_size)
+    if world == 1 or size == batch_size:
+        return 1.0
+    part = rank_slice(batch * batch_size, n, batch_size, rank, world)
+    return (part.stop - part.start) * world / size
+
+
+def batches_of(n: int, batch_size: int, rank: int, world: int, train: bool) -> int:
+    """Batches per epoch: training, every rank steps through every batch; testing, rank r takes
+    batches r, r + world, ... (whole batches: each is computed as one process would)."""
+    total = -(-n // batch_size)
+    return total if train or world == 1 else len(range(rank, total, world))
+
+
+def check_shardable(n: int, batch_size: int, world: int, train: bool) -> None:
+    if not train:
+        return
+    if batch_size % world:
+        raise ConfigError(f"data.batch_size={batch_size} does not divide over devices={world}: the batch size is the "
+                          f"global batch (each device takes batch_size / devices). Use a multiple of {world}.")
+    last = n - (-(-n // batch_size) - 1) * batch_size
+    if last < world:
+        raise ConfigError(f"the last training batch has {last} sample(s), fewer than devices={world}, so a device would "
+                          "get none. Change data.limit_train or data.batch_size.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import os
 
 import torch
 
-from qtrain.data import STATS, DataBundle, _missing, _resolve_root
+from qtrain.data import (STATS, DataBundle, _missing, _resolve_root, batches_of, check_shardable, loss_weight,
+                         rank_slice)
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -44,15 +45,23 @@ class SeededSamples(torch.utils.data.Dataset):
             torch.set_rng_state(state)
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """(epoch, index) pairs of the loader's current epoch, in its (seed, epoch) order, from the first
-    batch not yet trained on. Read when an epoch's iteration starts, so one DataLoader serves all epochs."""
+class EpochBatches(torch.utils.data.Sampler):
+    """This rank's batches of the loader's current epoch, as lists of (epoch, index) pairs, in the
+    (seed, epoch) order, from the first batch not yet trained on. Read when an epoch's iteration
+    starts, so one DataLoader serves all epochs. In a data-parallel run each rank takes its slice of
+    every training batch and every world-th test batch (data.rank_slice, as the in-memory loaders)."""
 
     def __init__(self, loader: "ImageLoader"):
         self.loader = loader
 
+    def _batches(self):
+        ld = self.loader
+        first = ld.first_batch if ld.train else 0
+        return [b for b in range(first, -(-len(ld.dataset) // ld.batch_size))
+                if ld.train or b % ld.world == ld.rank]
+
     def __len__(self):
-        return len(self.loader.dataset) - self.loader.first_batch * self.loader.batch_size
+        return len(self._batches())
 
     def __iter__(self):
         ld = self.loader
@@ -61,8 +70,11 @@ class EpochSampler(torch.utils.data.Sampler):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(ld.seed * 100_003 + ld.epoch))
         else:
             order = torch.arange(n)
-        for i in order[ld.first_batch * ld.batch_size:].tolist():
-            yield ld.epoch, i
+        for b in self._batches():
+            start = b * ld.batch_size
+            part = rank_slice(start, n, ld.batch_size, ld.rank, ld.world) if ld.train else \
+                slice(start, start + ld.batch_size)
+            yield [(ld.epoch, i) for i in order[part].tolist()]
 
 
 class ImageLoader:
@@ -71,9 +83,10 @@ class ImageLoader:
     def __init__(self, dataset, batch_size, train, seed, workers, device, prefetch=4):
         self.dataset, self.batch_size, self.train, self.seed = dataset, int(batch_size), train, seed
         self.device, self.epoch, self.first_batch = torch.device(device), 0, 0
+        self.rank, self.world = 0, 1  # a data-parallel run's rank: see shard()
         cuda = self.device.type == "cuda"
         self.loader = torch.utils.data.DataLoader(
-            SeededSamples(dataset, seed), batch_size=self.batch_size, sampler=EpochSampler(self),
+            SeededSamples(dataset, seed), batch_sampler=EpochBatches(self),
             num_workers=workers, persistent_workers=workers > 0, pin_memory=cuda,
             prefetch_factor=prefetch if workers > 0 else None)
         self.channels_last = cuda  # conv nets on CUDA run channels_last (the config's default)
@@ -81,8 +94,15 @@ class ImageLoader:
     def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
         self.epoch, self.first_batch = epoch, first_batch
 
+    def shard(self, rank: int, world: int) -> None:
+        check_shardable(len(self.dataset), self.batch_size, world, self.train)
+        self.rank, self.world = rank, world
+
+    def loss_weight(self, batch: int) -> float:
+        return loss_weight(len(self.dataset), self.batch_size, self.rank, self.world, batch)
+
     def __len__(self):
-        return -(-len(self.dataset) // self.batch_size)
+        return batches_of(len(self.dataset), self.batch_size, self.rank, self.world, self.train)
 
     def __iter__(self):
         for x, y in self.loader:

@@ -10,7 +10,8 @@ locked while a process trains in it, stale temporary files removed), and how it 
 - :class:`StopSignals`: SIGINT, SIGTERM and SIGUSR1 (what SLURM sends before preemption with
   ``--signal``) set a flag that the loop reads after each step; the run then saves a resumable
   checkpoint at that step and ends with exit 130 (SIGINT) or 143 (SIGTERM, SIGUSR1). A second
-  SIGINT/SIGTERM quits at once.
+  SIGINT/SIGTERM quits at once (in a data-parallel run: a second one more than a few seconds later,
+  as the launcher forwards the terminal's Ctrl-C to workers that received it already).
 """
 
 from __future__ import annotations
@@ -143,20 +144,25 @@ class StopSignals:
     """Turn SIGINT / SIGTERM / SIGUSR1 into a request the loop honours after the current step.
 
     Only installed in the main thread (Python delivers signals there); elsewhere it is inert.
+    A repeat within ``repeat_window`` seconds of the first signal counts as the same request.
     """
 
-    def __init__(self):
+    def __init__(self, repeat_window: float = 0.0):
         self.requested: str | None = None
         self._previous = {}
+        self.repeat_window, self._first_at = repeat_window, None
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
+        if self.requested is not None and self._first_at is not None \
+                and time.monotonic() - self._first_at < self.repeat_window:
+            return
         if self.requested is not None and signum != signal.SIGUSR1:
             print(f"\nqtrain: second {name}: quitting now, without saving (the last checkpoint is kept).",
                   file=sys.stderr, flush=True)
             os._exit(EXIT_CODES.get(name, 130))
         if self.requested is None:
-            self.requested = name
+            self.requested, self._first_at = name, time.monotonic()
             print(f"\nqtrain: {name} received: finishing the current step, then saving a checkpoint "
                   "(press Ctrl-C again to quit at once).", file=sys.stderr, flush=True)
 

@@ -74,9 +74,9 @@ class QuantReLU(nn.Module):
     """b-bit quantized ReLU, sigma_alpha(x) = alpha * clamp(ceil(x / alpha), 0, 2^b - 1).
 
     The backward pass uses the chosen straight-through estimator (see ste.py). ``alpha`` is a
-    buffer when fixed ([STE]) and a Parameter when learned ([BCGD]); a learned alpha gets its
-    gradient scaled and clipped by a hook, and is clamped after each optimizer step by
-    :func:`clamp_learned_alphas`. ``enabled=False`` turns the module into a plain ReLU.
+    buffer when fixed ([STE]) and a Parameter when learned ([BCGD]); a learned alpha's gradient is
+    scaled and clipped just before each optimizer step (:func:`scale_alpha_gradients`) and the alpha
+    is clamped after it (:func:`clamp_learned_alphas`). ``enabled=False`` turns the module into a plain ReLU.
     """
 
     def __init__(self, bits: int, alpha: float, ste: str = "clipped_relu", rounding: str = "ceil",
@@ -97,8 +97,7 @@ class QuantReLU(nn.Module):
         value = torch.tensor(float(alpha))
         if learn_alpha:
             self.alpha = nn.Parameter(value)
-            scale, clip = alpha_grad_scale, alpha_grad_clip
-            self.alpha.register_hook(lambda g: (g * scale).clamp(-clip, clip))
+            self.alpha_grad_scale, self.alpha_grad_clip = alpha_grad_scale, alpha_grad_clip
         else:
             self.register_buffer("alpha", value)
 
@@ -118,6 +117,19 @@ class QuantReLU(nn.Module):
     def extra_repr(self):
         kind = "learned" if isinstance(self.alpha, nn.Parameter) else "fixed"
         return f"bits={self.bits}, alpha={float(self.alpha):.4g} ({kind}), ste={self.ste}, rounding={self.rounding}"
+
+
+@torch.no_grad()
+def scale_alpha_gradients(model: nn.Module) -> None:
+    """g <- clip(g * alpha_grad_scale) for every learned alpha (once per alpha when shared), called
+    before each optimizer step. Not a gradient hook: in a data-parallel run the clip must act on
+    the gradient of the whole batch, after DistributedDataParallel has averaged the ranks' ones."""
+    seen = set()
+    for m in model.modules():
+        if isinstance(m, QuantReLU) and isinstance(m.alpha, nn.Parameter) and id(m.alpha) not in seen:
+            seen.add(id(m.alpha))
+            if m.alpha.grad is not None:
+                m.alpha.grad.copy_((m.alpha.grad * m.alpha_grad_scale).clamp(-m.alpha_grad_clip, m.alpha_grad_clip))
 
 
 @torch.no_grad()

@@ -201,3 +201,26 @@ class Recorder:
 
     def close(self) -> None:
         self.tb.close()
+
+
+class NullRecorder:
+    """What ranks other than 0 of a data-parallel run record: nothing (rank 0 writes for all)."""
+
+    rows: list = []
+    best = {"epoch": None, "value": None, "key": None}
+    stopped_at = None
+
+    def end_epoch(self, epoch, scalars):
+        pass
+
+    def log_step(self, step, scalars):
+        pass
+
+    def save_partial(self, epoch, totals):
+        pass
+
+    def write_result(self, result):
+        pass
+
+    def close(self):
+        pass

@@ -10,6 +10,7 @@ Also owns the two ways a run starts from an earlier one:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import hashlib
@@ -29,12 +30,13 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from qtrain import checkpoint, record
+from qtrain import checkpoint, distributed, record
 from qtrain.dataset_id import dataset_identity
 from qtrain.errors import ConfigError, QtrainError
 from qtrain.schedule import scale_schedule
 from qtrain.validate import check_proxy, validate
-from qtrain.quant import ActLayer, clamp_learned_alphas, make_weight_quantizer, quantized_weight_names, resolve_alpha
+from qtrain.quant import (ActLayer, clamp_learned_alphas, make_weight_quantizer, quantized_weight_names, resolve_alpha,
+                          scale_alpha_gradients)
 from qtrain.summary import distinct_values, format_summary, model_summary
 from qtrain.lifecycle import Diverged, Interrupted, RunLock, StopSignals, remove_stale_temporaries
 from qtrain.train import Classification, DivergenceWatch, NonFinite, Regression, fit
@@ -44,11 +46,11 @@ log = logging.getLogger("qtrain")
 FINGERPRINT_FILE = "fingerprint.txt"  # in each run directory: what resume=true matches on
 #: keys that do not change what a run computes (left out of its fingerprint)
 VOLATILE = ("resume", "progress", "device", "stop_after_epoch", "out_dir", "paper", "objective",
-            "log_every_n_steps")
+            "log_every_n_steps", "collective_timeout_s")
 #: (dotted) keys whose default leaves a run's computation as it was before the key existed: at
 #: that value they are left out of the fingerprint, so adding such a key never orphans earlier runs.
 #: Every key added to the config from now on belongs here with its neutral value.
-NEUTRAL = {"schedule_scale": 1, "sched.interval": "epoch"}
+NEUTRAL = {"schedule_scale": 1, "sched.interval": "epoch", "devices": 1, "sync_bn": False}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,6 +130,7 @@ def build_scheduler(cfg: DictConfig, optimizer, steps_per_epoch: int):
 def build(cfg: DictConfig, device: torch.device):
     """data, model, method, optimizer, scheduler and task for ``cfg`` (nothing trained yet)."""
     data = _instantiate(cfg.data, seed=cfg.seed, device=device)
+    distributed.current().shard(data)  # a data-parallel run: this rank's share of each batch
     # _partial_: Hydra would turn the ActLayer dataclass into a config if passed to instantiate.
     make_model = _instantiate(cfg.model, _partial_=True, num_classes=data.num_classes, input_shape=data.input_shape)
     model = fitted_model(make_model, build_act_layer(cfg), data.input_shape, cfg).to(device)
@@ -144,6 +147,7 @@ def build(cfg: DictConfig, device: torch.device):
         raise ConfigError(f"optim: {cfg.optim._target_} cannot be built from the optim settings: {cause}. Pick an "
                           "optimizer config (optim=sgd | adam) or remove keys it does not take, e.g. "
                           "~optim.momentum.") from None
+    optimizer.register_step_pre_hook(lambda *_: scale_alpha_gradients(model))
     optimizer.register_step_post_hook(lambda *_: clamp_learned_alphas(model))
     scheduler = build_scheduler(cfg, optimizer, len(data.train))
     task = Regression() if data.task == "regression" else Classification()
@@ -172,6 +176,8 @@ def identity(cfg: DictConfig) -> dict:
         drop += ["ste", "act"]
     if c.get("wbits") is None:
         drop += ["quant_layers", "wquant"]
+    if c.get("devices", 1) == 1:  # one process: nothing to synchronise
+        drop += ["sync_bn"]
     for k in drop:
         c.pop(k, None)
     for path, neutral in NEUTRAL.items():  # keys added later do not change older runs' fingerprints
@@ -214,37 +220,53 @@ def float_config(cfg: DictConfig) -> DictConfig:
 
 def float_checkpoint(cfg: DictConfig) -> Path:
     """Path of the cached float checkpoint for ``cfg``; trains it first when missing."""
+    ranks = distributed.current()
     fcfg = float_config(cfg)
-    key = fingerprint(fcfg)
+    key = ranks.decide(fingerprint, fcfg)
     run_dir = Path(cfg.out_dir).resolve() / "float" / f"{cfg.data._target_.split('.')[-1]}_" \
         f"{cfg.model._target_.split('.')[-1].lower()}_s{cfg.seed}_{key}"
     ckpt = run_dir / "checkpoints" / "last.pt"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if ranks.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     # two jobs wanting the same float model: one trains it, the other waits (train_run's own
     # RunLock on .lock is non-blocking, hence a second lock file here)
-    with open(run_dir / ".cache.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (run_dir / "result.json").exists():
-            state, why = checkpoint.problem(ckpt)
-            if state is None:  # retrain from the previous checkpoint (or from scratch): the same weights again
-                usable = checkpoint.problem(checkpoint.previous_path(ckpt))[0] is not None
-                log.warning("init=float: the cached float model %s is %s; recomputing it from %s", ckpt, why,
-                            "its previous checkpoint" if usable else "the start")
-                (run_dir / "result.json").unlink()
-                if not usable:
-                    shutil.rmtree(run_dir / "checkpoints")
-                    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        if (run_dir / "result.json").exists():
-            log.info("init=float: reusing the float model in %s", run_dir)
-        else:
-            log.info("init=float: training the float model first, in %s", run_dir)
-            resume = run_dir if checkpoint.has_checkpoint(ckpt) else None
+    with ranks.main_only(waiting_lock(run_dir / ".cache.lock")):
+        train, resume = ranks.decide(_float_plan, run_dir, ckpt)
+        if train:
             try:
                 train_run(fcfg, run_dir, resume_dir=resume)
             except Interrupted as e:  # the float model continues where it stopped when this command runs again
                 raise Interrupted(f"{e} (the float model that init=float trains first; running the same command "
                                   "again continues it where it stopped)", e.exit_code, None) from None
     return ckpt
+
+
+@contextlib.contextmanager
+def waiting_lock(path: Path):
+    """An exclusive flock that waits for its holder (the float-model cache)."""
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _float_plan(run_dir: Path, ckpt: Path) -> tuple[bool, Path | None]:
+    """(train?, the run folder to resume) for the cached float model; a damaged cached model is
+    recomputed, from its previous checkpoint when that is intact."""
+    if (run_dir / "result.json").exists():
+        state, why = checkpoint.problem(ckpt)
+        if state is None:  # retrain from the previous checkpoint (or from scratch): the same weights again
+            usable = checkpoint.problem(checkpoint.previous_path(ckpt))[0] is not None
+            log.warning("init=float: the cached float model %s is %s; recomputing it from %s", ckpt, why,
+                        "its previous checkpoint" if usable else "the start")
+            (run_dir / "result.json").unlink()
+            if not usable:
+                shutil.rmtree(run_dir / "checkpoints")
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if (run_dir / "result.json").exists():
+        log.info("init=float: reusing the float model in %s", run_dir)
+        return False, None
+    log.info("init=float: training the float model first, in %s", run_dir)
+    return True, run_dir if checkpoint.has_checkpoint(ckpt) else None
 
 
 def find_latest_run(cfg: DictConfig) -> Path | None:
@@ -312,11 +334,12 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
     Raises Interrupted (a signal: checkpoint saved at the current step) and Diverged (a non-finite
     loss or weight: result.json says so, the last good checkpoint is left as it was).
     """
+    ranks = distributed.current()
     validate(cfg)
     code = record.code_identity()  # now, not at the end: the checkout may change while a run trains
     run_dir = Path(resume_dir if resume_dir is not None else run_dir)
-    device = pick_device(cfg.device)
-    ident = identity(cfg)  # of the config as given (schedule_scale included, not yet applied)
+    device = distributed.device_of(ranks, pick_device(cfg.device))
+    ident = ranks.decide(identity, cfg)  # of the config as given (schedule_scale included, not yet applied)
     fp = identity_hash(ident)  # (not fingerprint(cfg): that would hash the dataset's files a second time)
     # the float model gets the same schedule_scale, applied to the float recipe
     if cfg.init not in (None, "float"):
@@ -324,10 +347,10 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
     init_path = str(float_checkpoint(cfg)) if cfg.init == "float" else cfg.init
     given, cfg = cfg, scale_schedule(cfg)
     seed_everything(cfg.seed)
-    with RunLock(run_dir):
-        for tmp in remove_stale_temporaries(run_dir):
+    with ranks.main_only(RunLock(run_dir)):
+        for tmp in remove_stale_temporaries(run_dir) if ranks.is_main else ():
             log.info("removed %s, a temporary file left by a process that died", tmp)
-        return _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp, code, choices)
+        return _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp, code, choices, ranks)
 
 
 def _resume_state(run_dir: Path, ident: dict) -> dict:
@@ -345,7 +368,7 @@ def _resume_state(run_dir: Path, ident: dict) -> dict:
     return state
 
 
-def _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp, code, choices) -> dict:
+def _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp, code, choices, ranks) -> dict:
     data, model, method, optimizer, scheduler, task, names = build(cfg, device)
     if init_path:
         load_init(model, init_path)
@@ -366,7 +389,9 @@ def _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp,
         log.info("resuming %s %s", run_dir, where)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = ranks.wrap(model, device, cfg.get("sync_bn", False))  # DistributedDataParallel (devices > 1)
+    train_model = torch.compile(train_model) if cfg.compile else train_model
+    eval_model = train_model if ranks.world == 1 else model
     started = time.time()
 
     def checkpoint_state(epoch, best_now):
@@ -375,17 +400,20 @@ def _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp,
                 "best": dict(best_now), "rng": record.rng_state(), "config": resolved, "identity": ident,
                 "threads": torch.get_num_threads(), "elapsed_s": elapsed_before + time.time() - started}
 
-    (run_dir / FINGERPRINT_FILE).write_text(fp + "\n")
-    recorder = record.Recorder(run_dir, checkpoint_state, start_epoch, best)
-    recorder.log_config(resolved, overrides_of(run_dir))
-    watch = DivergenceWatch(model.named_parameters(), device)
+    if ranks.is_main:  # rank 0 alone writes (distributed.py)
+        (run_dir / FINGERPRINT_FILE).write_text(fp + "\n")
+        recorder = record.Recorder(run_dir, checkpoint_state, start_epoch, best)
+        recorder.log_config(resolved, overrides_of(run_dir))
+    else:
+        recorder = record.NullRecorder()
+    watch = DivergenceWatch(model.named_parameters(), device, ranks=ranks)
     try:
-        with StopSignals() as stop:
+        with StopSignals(repeat_window=distributed.REPEAT_WINDOW_S if ranks.world > 1 else 0) as stop:
             outcome = fit(train_model, method, optimizer, scheduler, data, task, recorder, epochs=cfg.epochs,
                           start_epoch=start_epoch, device=device, amp_dtype=amp_dtype,
-                          stop_after_epoch=cfg.stop_after_epoch, progress=cfg.progress, partial=partial,
-                          stop=stop, watch=watch, sched_interval=cfg.sched.get("interval", "epoch"),
-                          log_every=cfg.get("log_every_n_steps", 0) or 0)
+                          stop_after_epoch=cfg.stop_after_epoch, progress=cfg.progress and ranks.is_main,
+                          partial=partial, stop=stop, watch=watch, sched_interval=cfg.sched.get("interval", "epoch"),
+                          log_every=cfg.get("log_every_n_steps", 0) or 0, eval_model=eval_model, ranks=ranks)
     except NonFinite as e:
         last_good = recorder.rows[-1]["epoch"] if recorder.rows else 0
         where = {"epoch": e.epoch, "step": e.step, "what": e.what}
@@ -406,6 +434,8 @@ def _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp,
                           run_dir)
     if outcome == "stopped":
         return {"status": "stopped", "run_dir": str(run_dir)}
+    if not ranks.is_main:
+        return {"status": "complete", "run_dir": str(run_dir)}
     result = _result(cfg, given, recorder, model, method, names, summary, device, code, init_path, choices,
                      resume_dir is not None and (start_epoch > 0 or partial is not None),
                      elapsed_before + time.time() - started, run_dir,
@@ -469,6 +499,8 @@ def _result(cfg, given, recorder, model, method, names, summary, device, code, i
         "wall_time_s": wall_time,
         "train_images_per_s": speeds[len(speeds) // 2],
         "device": device_name(device),
+        "devices": distributed.current().world,
+        "sync_bn": bool(cfg.get("sync_bn", False)) and distributed.current().world > 1,
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         **code,
@@ -482,13 +514,49 @@ def _result(cfg, given, recorder, model, method, names, summary, device, code, i
 
 
 def main_run(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
-    """Entry from the CLI: pick what to resume, then train."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1:  # started by torchrun: N independent copies would write into one folder
-        raise ConfigError(f"qtrain was started as one of {world} processes (WORLD_SIZE={world}, e.g. by torchrun), "
-                          "but data-parallel training is not built yet: each process would train the same model "
-                          "into the same run folder. Start a single process (no torchrun).")
+    """Entry from the CLI (and each worker of a data-parallel run): pick what to resume, then train.
+    ``devices > 1`` in a single process starts the workers here (distributed.launch)."""
+    ranks = distributed.current()
+    devices = _devices(cfg, ranks)
     validate(cfg, warn=False)  # before the fingerprint is taken (train_run validates again, with warnings)
+    resume_dir, done = ranks.decide(_choose_resume, cfg, run_dir)
+    if done is not None:
+        return done
+    if devices > 1 and ranks.world == 1:
+        return distributed.launch(cfg, run_dir, choices, devices)
+    try:
+        return train_run(cfg, run_dir, resume_dir, choices)
+    except QtrainError:
+        raise
+    except torch.cuda.OutOfMemoryError as e:
+        raise QtrainError(f"The GPU ran out of memory ({e}). Try a smaller data.batch_size.") from None
+
+
+def _devices(cfg: DictConfig, ranks) -> int:
+    """devices as a number (auto: every visible GPU), written back into cfg; under torchrun, the
+    number of processes torchrun started."""
+    given = cfg.get("devices", 1)
+    try:
+        devices = distributed.resolve_devices(given, str(cfg.device))
+    except (TypeError, ValueError):
+        raise ConfigError(f"devices={given}: give a number of devices (1, 2, ...) or auto.") from None
+    if ranks.world > 1:
+        if devices not in (1, ranks.world):
+            raise ConfigError(f"devices={given}, but torchrun started {ranks.world} processes. Leave devices out "
+                              "under torchrun (each process is one device), or start qtrain without torchrun.")
+        devices = ranks.world
+    if devices < 1:
+        raise ConfigError(f"devices={given}: at least one device is needed.")
+    if devices > 1 and str(cfg.device) != "cpu" and torch.cuda.is_available() and devices > torch.cuda.device_count():
+        raise ConfigError(f"devices={devices}, but only {torch.cuda.device_count()} GPU(s) are visible. Use "
+                          "devices=auto for all of them.")
+    with open_dict(cfg):
+        cfg.devices = devices
+    return devices
+
+
+def _choose_resume(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, dict | None]:
+    """(the run folder to continue or None, the result of an already complete one or None)."""
     resume_dir = None
     if cfg.resume is True:
         resume_dir = find_latest_run(cfg)
@@ -508,13 +576,8 @@ def main_run(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
         done = json.loads((resume_dir / "result.json").read_text())
         if done.get("status") == "complete":
             log.info("resume: %s is already complete; nothing to do", resume_dir)
-            return done
+            return resume_dir, done
     if resume_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "resumed_into.txt").write_text(str(resume_dir) + "\n")
-    try:
-        return train_run(cfg, run_dir, resume_dir, choices)
-    except QtrainError:
-        raise
-    except torch.cuda.OutOfMemoryError as e:
-        raise QtrainError(f"The GPU ran out of memory ({e}). Try a smaller data.batch_size.") from None
+    return resume_dir, None

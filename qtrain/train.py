@@ -1,7 +1,10 @@
 """The one training loop. It never reads the config: run.py builds the objects and calls fit().
 
 Every method (float / ste / binaryrelax / bcgd) plugs in through the same five calls; see
-methods.py for what each does at those points.
+methods.py for what each does at those points. In a data-parallel run (distributed.py) the model
+is wrapped in DistributedDataParallel and the loaders yield this rank's share; ``ranks`` does the
+few reductions the loop needs (sums, the stop signal, the divergence step) and is a no-op for one
+process.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from qtrain.distributed import SINGLE
 
 log = logging.getLogger("qtrain")
 
@@ -51,13 +56,15 @@ class EpochTotals:
     """Running sums of one training epoch, kept on the device (no host sync per batch).
 
     ``state()`` goes into a mid-epoch checkpoint and ``EpochTotals(device, **state)`` restores it, so a
-    run resumed there reports the same epoch loss and accuracy as an uninterrupted one.
+    run resumed there reports the same epoch loss and accuracy as an uninterrupted one. ``summary()``
+    and ``state()`` are of all ranks (collectives: every rank calls them); ``local_summary()`` is this
+    rank's, for its progress bar.
     """
 
-    def __init__(self, device, loss_sum=0.0, correct_sum=0, n=0, batches=0):
+    def __init__(self, device, loss_sum=0.0, correct_sum=0, n=0, batches=0, ranks=SINGLE):
         self.loss_sum = torch.tensor(float(loss_sum), device=device)
         self.correct_sum = None if correct_sum is None else torch.tensor(int(correct_sum), device=device)
-        self.n, self.batches = n, batches
+        self.n, self.batches, self.ranks = n, batches, ranks
 
     def add(self, loss, correct, n):
         self.loss_sum += loss * n
@@ -65,21 +72,30 @@ class EpochTotals:
         self.n += n
         self.batches += 1
 
-    def summary(self):
+    def local_summary(self):
         return _totals(self.loss_sum, self.correct_sum, max(self.n, 1))
 
+    def summary(self):
+        loss_sum, correct_sum, n = self.ranks.sum(self.loss_sum, self.correct_sum, self.n)
+        return _totals(loss_sum, correct_sum, max(n, 1))
+
     def state(self):
-        return {"loss_sum": float(self.loss_sum), "n": self.n, "batches": self.batches,
-                "correct_sum": None if self.correct_sum is None else int(self.correct_sum)}
+        loss_sum, correct_sum, n = self.ranks.sum(self.loss_sum, self.correct_sum, self.n)
+        state = {"loss_sum": float(loss_sum), "n": int(n), "batches": self.batches,
+                 "correct_sum": None if correct_sum is None else int(correct_sum)}
+        if self.ranks.world > 1:  # and each rank's own sums, to continue from exactly (Ranks.partial_totals)
+            state["per_rank"] = self.ranks.gather(
+                [float(self.loss_sum), None if self.correct_sum is None else int(self.correct_sum), self.n])
+        return state
 
 
 class DivergenceWatch:
     """Stops a run at the first non-finite loss or weight, at the cost of one host sync every
     ``every`` steps: the first bad step is recorded on the device as it happens."""
 
-    def __init__(self, named_params, device, every=50):
+    def __init__(self, named_params, device, every=50, ranks=SINGLE):
         self.named = [(n, p) for n, p in named_params]
-        self.every, self.device = every, device
+        self.every, self.device, self.ranks = every, device, ranks
         self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
 
     def after_step(self, step, loss):
@@ -90,7 +106,7 @@ class DivergenceWatch:
 
     def check(self, step):
         """Raise :class:`NonFinite` (fit adds the epoch) if the loss or any weight is non-finite."""
-        first = int(self.first_bad)
+        first = self.ranks.earliest(int(self.first_bad))  # a loss is a rank's own; the weights are shared
         if first >= 0:
             raise NonFinite(first + 1, "the training loss", exact=True)
         finite = torch.stack([torch.isfinite(p).all() for _, p in self.named])
@@ -106,13 +122,13 @@ class NonFinite(Exception):
 
 
 def train_one_epoch(model, method, optimizer, loader, task, device, amp_dtype=None, bar=None, totals=None,
-                    watch=None, stop=None, step_scheduler=None, step_log=None) -> dict:
+                    watch=None, stop=None, step_scheduler=None, step_log=None, ranks=SINGLE) -> dict:
     """One pass over ``loader`` (from wherever it was set to start). ``totals`` carries a resumed
     epoch's sums; ``stop.requested`` (a signal) ends the epoch after the current step, and the
     result then says ``partial``. ``step_scheduler`` is stepped after every optimizer step;
     ``step_log = (every, fn)`` calls fn(batches done, loss) every ``every`` steps (a host sync each)."""
     model.train()
-    totals = totals or EpochTotals(device)
+    totals = totals or EpochTotals(device, ranks=ranks)
     start, first = time.perf_counter(), totals.n
     last_draw = start
     for x, y in loader:
@@ -121,7 +137,9 @@ def train_one_epoch(model, method, optimizer, loader, task, device, amp_dtype=No
             out = model(x)
             loss = task.loss(out, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # 1, except for a data-parallel run's uneven last batch (data.loss_weight)
+        weight = loader.loss_weight(totals.batches) if hasattr(loader, "loss_weight") else 1
+        (loss if weight == 1 else loss * weight).backward()
         method.before_step()
         optimizer.step()
         method.after_step()
@@ -135,14 +153,14 @@ def train_one_epoch(model, method, optimizer, loader, task, device, amp_dtype=No
             step_log[1](totals.batches, loss.detach())
         if bar is not None and (time.perf_counter() - last_draw > 1.0 or totals.batches == len(loader)):
             last_draw = time.perf_counter()  # redraw about once a second: each redraw is a host sync
-            stats = totals.summary()
+            stats = totals.local_summary()
             post = {"loss": f"{stats['loss']:.4f}"}
             if stats["acc"] is not None:
                 post["acc"] = f"{stats['acc']:.2f}"
             post["img/s"] = f"{(totals.n - first) / (last_draw - start):.0f}"
             bar.set_postfix(post, refresh=False)
             bar.update(totals.batches - bar.n)
-        if stop is not None and stop.requested:
+        if ranks.stop_signal(stop):
             break
     if watch is not None:
         watch.check(totals.batches - 1)
@@ -155,21 +173,24 @@ def train_one_epoch(model, method, optimizer, loader, task, device, amp_dtype=No
 
 
 @torch.no_grad()
-def evaluate(model, loader, task, device, amp_dtype=None, bar=None) -> dict:
+def evaluate(model, loader, task, device, amp_dtype=None, bar=None, ranks=SINGLE) -> dict:
+    """Test loss and accuracy of ``model`` over ``loader`` (this rank's batches; summed over the
+    ranks). The loss is summed in float64: per-batch losses times batch sizes then add up exactly,
+    in any order, so a sharded evaluation gives the single-process numbers."""
     model.eval()
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct_sum = torch.zeros((), device=device, dtype=torch.long)
     n = 0
     for x, y in loader:
         with _autocast(device, amp_dtype):
             out = model(x)
-            loss_sum += task.loss(out, y).float() * len(y)
+            loss_sum += task.loss(out, y).double() * len(y)
         correct = task.correct(out, y)
         correct_sum = None if correct is None else correct_sum + correct
         n += len(y)
         if bar is not None:
             bar.update(1)  # no host sync: the count is known on the host
-    return _totals(loss_sum, correct_sum, n)
+    return _totals(*ranks.sum(loss_sum, correct_sum, n))
 
 
 def _progress_bar(enabled: bool, epoch: int, epochs: int, total: int, done: int = 0, what: str = "train"):
@@ -186,18 +207,20 @@ def _progress_bar(enabled: bool, epoch: int, epochs: int, total: int, done: int 
 
 def fit(model, method, optimizer, scheduler, data, task, recorder, *, epochs, start_epoch=0, device,
         amp_dtype=None, stop_after_epoch=None, progress=True, partial=None, stop=None, watch=None,
-        sched_interval="epoch", log_every=0) -> str:
+        sched_interval="epoch", log_every=0, eval_model=None, ranks=SINGLE) -> str:
     """Train from ``start_epoch`` to ``epochs``. Returns "complete", "stopped" (``stop_after_epoch``:
     a budgeted run, resumable) or "interrupted" (``stop.requested``: a signal; a checkpoint at
     the current step was saved). ``partial`` resumes inside epoch ``start_epoch``. A non-finite
-    loss or weight raises :class:`NonFinite` (nothing is saved for that epoch)."""
+    loss or weight raises :class:`NonFinite` (nothing is saved for that epoch). ``eval_model`` is
+    what is evaluated (default ``model``; the model inside DistributedDataParallel)."""
+    eval_model = model if eval_model is None else eval_model
     for epoch in range(start_epoch, epochs):
         first_batch = partial["batches"] if partial else 0
         data.train.set_epoch(epoch, first_batch)
         method.on_epoch_start(epoch)
         lr = optimizer.param_groups[0]["lr"]
         bar = _progress_bar(progress, epoch, epochs, len(data.train), first_batch)
-        totals = EpochTotals(device, **partial) if partial else None
+        totals = EpochTotals(device, **ranks.partial_totals(partial), ranks=ranks) if partial else None
         partial = None
         step_log = None
         if log_every:
@@ -206,7 +229,7 @@ def fit(model, method, optimizer, scheduler, data, task, recorder, *, epochs, st
                 base + i, {"train/loss_step": float(loss), "train/lr_step": optimizer.param_groups[0]["lr"]}))
         try:
             train = train_one_epoch(model, method, optimizer, data.train, task, device, amp_dtype, bar, totals,
-                                    watch, stop, scheduler if sched_interval == "step" else None, step_log)
+                                    watch, stop, scheduler if sched_interval == "step" else None, step_log, ranks)
         except NonFinite as e:
             e.epoch = epoch + 1
             raise
@@ -220,18 +243,19 @@ def fit(model, method, optimizer, scheduler, data, task, recorder, *, epochs, st
             scheduler.step()
         scalars = {"train/loss": train["loss"], "train/acc": train["acc"], "lr": lr,
                    "train/images_per_s": train["images_per_s"], "train/epoch_seconds": train["seconds"]}
+        ranks.sync_buffers(eval_model)  # every rank evaluates rank 0's model, the one checkpointed
         for prefix, context in method.evaluations():
             bar = _progress_bar(progress, epoch, epochs, len(data.test), what=prefix)
             try:
                 with context:
-                    result = evaluate(model, data.test, task, device, amp_dtype, bar)
+                    result = evaluate(eval_model, data.test, task, device, amp_dtype, bar, ranks)
             finally:
                 if bar is not None:
                     bar.close()
             scalars[f"{prefix}/loss"], scalars[f"{prefix}/acc"] = result["loss"], result["acc"]
         scalars.update(method.on_epoch_end(epoch))
         recorder.end_epoch(epoch + 1, {k: v for k, v in scalars.items() if v is not None})
-        if stop is not None and stop.requested:
+        if ranks.stop_signal(stop):
             return "interrupted"
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < epochs:
             log.info("stopping after epoch %d as asked (stop_after_epoch); resume with resume=true", epoch + 1)

@@ -92,6 +92,19 @@ def _validate_act(act: DictConfig) -> None:
             raise ConfigError(f"act.{key} must be a positive number, got {v!r}.")
 
 
+def _validate_devices(cfg: DictConfig) -> None:
+    devices = cfg.get("devices", 1)
+    if devices != "auto" and not (_is_int(devices) and devices >= 1):
+        raise ConfigError(f"devices must be a number of devices (1, 2, ...) or auto, got {devices!r}.")
+    timeout = cfg.get("collective_timeout_s", 600)
+    if not _is_number(timeout) or not 0 < timeout < math.inf:
+        raise ConfigError(f"collective_timeout_s must be a positive number of seconds, got {timeout!r}.")
+    batch = cfg.data.get("batch_size")
+    if _is_int(devices) and devices > 1 and _is_int(batch) and batch % devices:
+        raise ConfigError(f"data.batch_size={batch} does not divide over devices={devices}: the batch size is the "
+                          f"global batch (each device takes batch_size / devices). Use a multiple of {devices}.")
+
+
 def check_proxy(fn, name: str) -> None:
     """A proxy STE mu must map a tensor to a tensor of the same shape and be non-decreasing
     ([CG]'s class of monotone proxies): checked on a grid, before training."""
@@ -126,8 +139,9 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
     every = cfg.get("log_every_n_steps", 0)
     if not _is_int(every) or every < 0:
         raise ConfigError(f"log_every_n_steps must be an integer >= 0 (0 = off), got {every!r}.")
-    for key in ("progress", "compile", "channels_last"):
-        _bool(cfg.get(key), key)
+    for key in ("progress", "compile", "channels_last", "sync_bn"):
+        _bool(cfg.get(key, False), key)
+    _validate_devices(cfg)
     if not isinstance(cfg.device, str) or (cfg.device not in ("auto", "cpu", "cuda")
                                            and not cfg.device.startswith("cuda:")):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}.")

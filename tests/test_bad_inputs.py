@@ -233,12 +233,3 @@ def test_phase2_after_the_last_epoch_warns(mnist_root, tmp_path, capsys, monkeyp
                              capsys)
     assert code == 0
     assert "phase II" in text and "never starts" in text
-
-
-def test_torchrun_style_start_is_refused_not_duplicated(mnist_root, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("QTRAIN_DATA", mnist_root)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.chdir(tmp_path)
-    code, text = call_qtrain([*RUN, f"out_dir={tmp_path / 'out'}"], capsys)
-    assert code == 2 and "WORLD_SIZE=2" in text and "Traceback" not in text
-    assert not list((tmp_path / "out").glob("**/metrics.jsonl"))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qtrain.quant import AUTHORS_ALPHA, QuantReLU, optimal_alpha
+from qtrain.quant import AUTHORS_ALPHA, QuantReLU, optimal_alpha, scale_alpha_gradients
 from qtrain.ste import STES, staircase
 
 
@@ -64,6 +64,8 @@ def test_learned_alpha_gradients_mean_and_exact():
 def test_alpha_gradient_scaled_and_clipped():
     act = QuantReLU(2, 0.5, "clipped_relu", learn_alpha=True)  # defaults: x0.01, clip to [-1, 1]
     act(torch.full((1000,), 2.0)).sum().backward()  # raw gradient 3000
+    assert act.alpha.grad.item() == pytest.approx(3000.0)
+    scale_alpha_gradients(act)  # before the optimizer step (run.build registers it)
     assert act.alpha.grad.item() == pytest.approx(1.0)
 
 

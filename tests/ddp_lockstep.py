@@ -1,0 +1,145 @@
+"""Lock-step check of a data-parallel step against a single-process step (test_distributed.py).
+
+Two Gloo ranks train qtrain's own model, method and optimizer (built by run.build, sharded,
+wrapped by distributed.Ranks.wrap, stepped by train.train_one_epoch). Before every step, rank 0
+copies the run's whole state (weights, batch-norm buffers, optimizer, method) into a second,
+single-process copy, which takes the same global batch in one piece. After the step the two
+states are compared. Comparing step by step, from the same state, measures what data parallelism
+changes in one update -- float summation order only -- rather than how fast this (chaotic)
+training amplifies a difference in the last bit (see README "Scaling out").
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import sys
+
+import torch
+
+
+_proxy_calls = 0
+
+
+def crash_on_rank_1(x):
+    """An STE proxy (softplus) that raises on rank 1 in its 20th backward call: a worker that crashes
+    mid-training (test_distributed.py)."""
+    global _proxy_calls
+    _proxy_calls += 1
+    if os.environ.get("RANK") == "1" and _proxy_calls > 20:
+        raise RuntimeError("injected failure on rank 1")
+    return torch.nn.functional.softplus(x)
+
+
+class OneBatch:
+    """A loader of one batch, with the loss weight the real loader gives that batch."""
+
+    def __init__(self, batch, weight):
+        self.batch, self.weight = batch, weight
+
+    def __iter__(self):
+        yield self.batch
+
+    def __len__(self):
+        return 1
+
+    def loss_weight(self, i):
+        return self.weight
+
+
+def _config(overrides):
+    from hydra import compose, initialize_config_dir
+
+    import qtrain.cli  # noqa: F401  (registers the config's resolvers)
+
+    with initialize_config_dir(config_dir=str(qtrain.cli.CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def _max_difference(a: dict, b: dict) -> tuple[float, str]:
+    return max((float((a[k].double() - b[k].double()).abs().max()), k) for k in a if a[k].is_floating_point())
+
+
+def _digest(model, method) -> str:
+    """A hash of the weights, batch-norm buffers and method state: equal on all ranks after a step."""
+    h = hashlib.sha256()
+    for t in list(model.state_dict().values()) + [v for v in method.state_dict().values() if torch.is_tensor(v)]:
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def worker(rank: int, world: int, port: int, cases: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from qtrain import distributed, run
+    from qtrain.train import Classification, train_one_epoch
+
+    ranks = distributed.join(120)
+    cpu = torch.device("cpu")
+    report = {}
+    try:
+        for name, overrides in cases.items():
+            cfg = _config(overrides)
+            run.seed_everything(cfg.seed)
+            data, model, method, opt, sched, task, _ = run.build(cfg, cpu)  # this rank's shard
+            ddp = ranks.wrap(model, cpu, sync_bn=True)
+            if ranks.is_main:  # the single-process copy, with the whole batch
+                distributed._current = distributed.SINGLE
+                run.seed_everything(cfg.seed)
+                r_data, r_model, r_method, r_opt, r_sched, _, _ = run.build(cfg, cpu)
+                distributed._current = ranks
+            worst, per_step, ranks_agree = (0.0, ""), [], True
+            for epoch in range(cfg.epochs):
+                data.train.set_epoch(epoch)
+                method.on_epoch_start(epoch)
+                batches = iter(data.train)
+                if ranks.is_main:
+                    r_data.train.set_epoch(epoch)
+                    r_method.on_epoch_start(epoch)
+                    r_batches = iter(r_data.train)
+                for b in range(len(data.train)):
+                    if ranks.is_main:
+                        r_model.load_state_dict(model.state_dict())
+                        # deep copies: load_state_dict would share the momentum buffers themselves
+                        r_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+                        r_method.load_state_dict(copy.deepcopy(method.state_dict()))
+                    train_one_epoch(ddp, method, opt, OneBatch(next(batches), data.train.loss_weight(b)),
+                                    Classification(), cpu, ranks=ranks)
+                    digests = [None] * world
+                    torch.distributed.all_gather_object(digests, _digest(model, method))
+                    ranks_agree = ranks_agree and len(set(digests)) == 1
+                    if ranks.is_main:
+                        train_one_epoch(r_model, r_method, r_opt, OneBatch(next(r_batches), 1.0), Classification(),
+                                        cpu)
+                        diff = _max_difference(model.state_dict(), r_model.state_dict())
+                        worst = max(worst, diff)
+                        per_step.append(diff[0])
+                sched.step()
+                if ranks.is_main:
+                    r_sched.step()
+            report[name] = {"steps": len(per_step), "max_abs_difference": worst[0], "where": worst[1],
+                            "ranks_identical": ranks_agree, "per_step": per_step}
+    finally:
+        distributed.leave()
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+def run_lockstep(cases: dict, out: str, port: int) -> dict:
+    import torch.multiprocessing as mp
+
+    mp.start_processes(worker, args=(2, port, cases, out), nprocs=2, join=True, start_method="spawn")
+    with open(out) as f:
+        return json.load(f)
+
+
+if __name__ == "__main__":  # python -m tests.ddp_lockstep DATA_ROOT: the table in README "Scaling out"
+    root = sys.argv[1]
+    common = [f"data.root={root}", "data.limit_train=1301", "data.limit_test=100", "epochs=2", "channels_last=false"]
+    cases = {"float": common + ["abits=null"], "ste": common + ["method=ste", "wbits=1"],
+             "binaryrelax": common + ["method=binaryrelax", "wbits=1", "method.phase2_epoch=1"],
+             "bcgd": common + ["method=bcgd", "wbits=1", "abits=4", "act.learn_alpha=true"]}
+    print(json.dumps(run_lockstep(cases, "/tmp/qtrain_lockstep.json", 29533), indent=2))
