@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import multiprocessing
 import os
 import re
 import signal
@@ -332,6 +333,9 @@ def launch(cfg, run_dir: Path, choices: dict, devices: int) -> dict:
     log.info("devices=%d: starting %d workers (torch.distributed, %s)", devices, devices,
              "NCCL" if torch.cuda.is_available() and cfg.device != "cpu" else "Gloo")
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    method = multiprocessing.get_start_method(allow_none=True)
+    if method not in (None, "spawn", "fork", "forkserver"):  # joblib's "loky": a spawned worker could not set it
+        multiprocessing.set_start_method("spawn", force=True)
     try:
         return elastic_launch(config, _worker)(*args)[0]
     except SignalException as e:  # the workers got the signal too, and saved a checkpoint
@@ -342,6 +346,8 @@ def launch(cfg, run_dir: Path, choices: dict, devices: int) -> dict:
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+        if method != multiprocessing.get_start_method(allow_none=True):
+            multiprocessing.set_start_method(method, force=True)
 
 
 QTRAIN_EXIT_CODES = (2, 3, 130, 143)

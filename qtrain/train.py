@@ -168,7 +168,8 @@ def train_one_epoch(model, method, optimizer, loader, task, device, amp_dtype=No
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     partial = totals.batches < len(loader)
-    return {**totals.summary(), "images_per_s": (totals.n - first) / max(seconds, 1e-9), "seconds": seconds,
+    (images,) = ranks.sum(totals.n - first)  # of all ranks: the run's throughput
+    return {**totals.summary(), "images_per_s": images / max(seconds, 1e-9), "seconds": seconds,
             "partial": partial, "totals": totals}
 
 

@@ -62,8 +62,8 @@ def test_every_data_parallel_step_matches_the_single_process_step(mnist_root, tm
     5e-6). This is the data-parallel machinery itself: sharding, loss weights, the gradient average,
     synchronised batch norm, the optimizer. The methods add discontinuities (the activation staircase,
     sign(w), max-pool's argmax over MNIST's flat background): a value within rounding of a jump may
-    land on the other side in one of the two, a discrete change of that step's gradient (observed
-    up to 3e-2 in a weight for a step). So for them the bound is loose (5e-2), and what data
+    land on the other side in one of the two, a discrete change of that step's gradient (up to
+    3.4e-3 in scripts/ddp_equivalence.py's run). So for them the bound is loose (5e-2), and what data
     parallelism must guarantee exactly is checked exactly: after every step all ranks hold bitwise
     the same weights, buffers and method state (Q(w), BCGD's blend, BinaryRelax's lambda, alpha)."""
     from tests.ddp_lockstep import run_lockstep
@@ -140,6 +140,19 @@ def test_devices_2_stopped_by_ctrl_c_mid_epoch_resumes_to_the_uninterrupted_resu
     assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
     rows = [[json.loads(line) for line in (x.parent.parent / "metrics.jsonl").read_text().splitlines()] for x in (a, b)]
     assert rows[0][-1]["train/loss"] == rows[1][-1]["train/loss"]  # the epoch's sums survived the stop
+
+
+def test_a_parallel_sweep_of_data_parallel_jobs(tmp_path, mnist_root):
+    """joblib runs the two jobs at once: each starts its own group of 2 workers on its own port."""
+    r = qtrain("-m", "seed=0,1", "devices=2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+               "data.limit_train=640", "data.limit_test=200", "epochs=1", "progress=false", "out_dir=out",
+               cwd=tmp_path, data=mnist_root)
+    assert r.returncode == 0, r.stderr
+    (summary,) = (tmp_path / "out" / "multirun").glob("*/summary.csv")
+    rows = summary.read_text().splitlines()[1:]
+    assert len(rows) == 2 and all(",complete," in row for row in rows)
+    results = [json.loads(p.read_text()) for p in (tmp_path / "out" / "multirun").glob("*/*/result.json")]
+    assert sorted(res["config"]["seed"] for res in results) == [0, 1] and {res["devices"] for res in results} == {2}
 
 
 def test_a_crashing_worker_brings_the_job_down_with_its_error(tmp_path, mnist_root):
