@@ -306,8 +306,12 @@ def _worker(cfg_container: dict, run_dir: str, choices: dict, log_file: str | No
         get_error_handler().record_exception(e)
         sys.exit(getattr(e, "exit_code", 2))
     except Exception as e:
-        get_error_handler().record_exception(e)  # the traceback, for the launcher's report
-        raise
+        get_error_handler().record_exception(e)  # for the launcher's report
+        if _peer_failure(e):  # another rank died or stalled: its own error is the one to show
+            log.error("rank %d: a collective failed: %s", rank, str(e).splitlines()[0])
+        else:
+            log.exception("rank %d failed", rank)  # the traceback, once, in the log (rank 0) or on stderr
+        sys.exit(1)
     finally:
         leave()
 
@@ -327,7 +331,8 @@ def launch(cfg, run_dir: Path, choices: dict, devices: int) -> dict:
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
                           start_method="spawn", logs_specs=DefaultLogsSpecs(),
                           signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # not its "closing process" lines
+    for name in ("torch.distributed.elastic", "torch.multiprocessing"):  # the workers report their own errors
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     args = (OmegaConf.to_container(cfg, resolve=True), str(run_dir), choices, _log_file(),
             float(cfg.get("collective_timeout_s", DEFAULT_TIMEOUT_S)))
     log.info("devices=%d: starting %d workers (torch.distributed, %s)", devices, devices,
@@ -342,7 +347,7 @@ def launch(cfg, run_dir: Path, choices: dict, devices: int) -> dict:
         raise Interrupted(f"stopped by {e.sigval.name}; the workers saved a checkpoint in {run_dir}.",
                           128 + e.sigval.value if e.sigval != signal.SIGUSR1 else 143, run_dir) from None
     except ChildFailedError as e:
-        raise _failure(e, devices, run_dir) from None
+        raise _failure(e, devices, run_dir, args[-1]) from None
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
@@ -351,9 +356,14 @@ def launch(cfg, run_dir: Path, choices: dict, devices: int) -> dict:
 
 
 QTRAIN_EXIT_CODES = (2, 3, 130, 143)
+PEER_FAILURES = ("Timed out", "Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
-def _failure(error, devices: int, run_dir: Path) -> QtrainError:
+def _peer_failure(e: BaseException) -> bool:
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in PEER_FAILURES)
+
+
+def _failure(error, devices: int, run_dir: Path, timeout: float) -> QtrainError:
     """The error of a failed group: rank 0's own message when it ended with one of qtrain's exit
     codes, else the first worker that failed."""
     from qtrain.lifecycle import Interrupted
@@ -372,6 +382,8 @@ def _failure(error, devices: int, run_dir: Path) -> QtrainError:
         err = QtrainError(text)
         err.exit_code = code
         return err
+    if "Timed out" in message:
+        message += f" (a worker stopped answering for collective_timeout_s={timeout:g} s)"
     what = f"signal {-code}" if code < 0 else f"exit code {code}"
     err = QtrainError(f"worker {rank} of {devices} failed ({what}): {message}. The other workers were stopped; "
                       f"the run folder is {run_dir} (resume=true continues from its last checkpoint).")

@@ -143,3 +143,14 @@ if __name__ == "__main__":  # python -m tests.ddp_lockstep DATA_ROOT: the table 
              "binaryrelax": common + ["method=binaryrelax", "wbits=1", "method.phase2_epoch=1"],
              "bcgd": common + ["method=bcgd", "wbits=1", "abits=4", "act.learn_alpha=true"]}
     print(json.dumps(run_lockstep(cases, "/tmp/qtrain_lockstep.json", 29533), indent=2))
+
+
+def stall_on_rank_1(x):
+    """An STE proxy (softplus) that stops answering on rank 1 for 60 s in its 20th backward call."""
+    global _proxy_calls
+    _proxy_calls += 1
+    if os.environ.get("RANK") == "1" and _proxy_calls == 21:
+        import time
+
+        time.sleep(60)
+    return torch.nn.functional.softplus(x)
