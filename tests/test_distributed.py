@@ -120,9 +120,9 @@ def test_devices_2_stopped_by_ctrl_c_mid_epoch_resumes_to_the_uninterrupted_resu
     p = subprocess.Popen([str(BIN / "qtrain"), *args], cwd=tmp_path / "b", env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 240
-    while not any(m.read_text().strip() for m in (tmp_path / "b").glob("out/runs/*/*/metrics.jsonl")) \
-            and time.time() < deadline:
-        time.sleep(0.1)  # epoch 1's row written: epoch 2 has just begun (100 steps)
+    while not list((tmp_path / "b").glob("out/runs/*/*/checkpoints/last.pt")) and time.time() < deadline:
+        time.sleep(0.05)  # epoch 1's checkpoint written: epoch 2 (100 steps) begins
+    time.sleep(0.3)
     os.killpg(p.pid, signal.SIGINT)
     _, err = p.communicate(timeout=240)
     assert p.returncode == 130, err
