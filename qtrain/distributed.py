@@ -229,10 +229,6 @@ def quiet_other_ranks(rank: int) -> None:
     warnings.filterwarnings("ignore")
 
 
-def started_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "RANK" in os.environ
-
-
 def join_torchrun(argv: list[str]) -> None:
     """qtrain started by torchrun (one process per rank, each running the whole command): join the
     group before Hydra makes the run folder, so that rank 0 makes it and the others use it (see
