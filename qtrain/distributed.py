@@ -252,7 +252,9 @@ def resolve_devices(devices, device: str) -> int:
     """devices=auto: every visible GPU (1 on a machine without one, or with device=cpu)."""
     if devices == "auto":
         return torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 1
-    return int(devices)
+    if isinstance(devices, bool) or not isinstance(devices, int):
+        raise ValueError(f"devices={devices!r}")
+    return devices
 
 
 def _log_file() -> str | None:
