@@ -233,7 +233,7 @@ def join_torchrun(argv: list[str]) -> None:
     """qtrain started by torchrun (one process per rank, each running the whole command): join the
     group before Hydra makes the run folder, so that rank 0 makes it and the others use it (see
     cli.py's unique_dir resolver). Ranks other than 0 write no Hydra files and log only errors."""
-    if any(a in ("-m", "--multirun") or a.startswith("--multirun") for a in argv):
+    if any(a == "-m" or a.startswith("--multirun") for a in argv):
         raise ConfigError("a sweep (-m) cannot be started by torchrun: every rank would run every job. Run the sweep "
                           "without torchrun and give each job devices=N (qtrain -m ... devices=N).")
     timeout = next((a.split("=", 1)[1] for a in argv if a.startswith("collective_timeout_s=")), DEFAULT_TIMEOUT_S)
@@ -278,8 +278,10 @@ def _setup_worker_logging(rank: int, log_file: str | None) -> None:
     root.setLevel(logging.INFO)
 
 
-def _worker(cfg_container: dict, run_dir: str, choices: dict, log_file: str | None, timeout_s: float):
-    """One rank of ``qtrain devices=N`` (started by torch.distributed.elastic): the job's main_run."""
+def _worker(cfg_container: dict, run_dir: str, resume_dir: str | None, choices: dict, log_file: str | None,
+            timeout_s: float):
+    """One rank of ``qtrain devices=N`` (started by torch.distributed.elastic): the job's training, with
+    the launcher's decision of what to resume."""
     from omegaconf import OmegaConf
     from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
@@ -292,11 +294,11 @@ def _worker(cfg_container: dict, run_dir: str, choices: dict, log_file: str | No
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
         join(timeout_s)
-        from qtrain.run import main_run
+        from qtrain.run import train_job
 
         cfg = OmegaConf.create(cfg_container)
         OmegaConf.set_struct(cfg, True)
-        result = main_run(cfg, Path(run_dir), choices)
+        result = train_job(cfg, Path(run_dir), None if resume_dir is None else Path(resume_dir), choices)
         return result if rank == 0 else None
     except QtrainError as e:  # for the launcher: the message and the exit code, no traceback
         if rank == 0:
@@ -314,16 +316,16 @@ def _worker(cfg_container: dict, run_dir: str, choices: dict, log_file: str | No
         leave()
 
 
-def launch(cfg, run_dir: Path, choices: dict, devices: int) -> dict:
-    """Run the job on ``devices`` workers started by torch.distributed.elastic (as torchrun would, on
-    a free port of this node) and return rank 0's result. A worker that fails takes the others down;
+def launch(cfg, run_dir: Path, resume_dir: Path | None, choices: dict, devices: int) -> dict:
+    """Run the job (continuing ``resume_dir`` when given) on ``devices`` workers started by
+    torch.distributed.elastic (as torchrun would, on a free port of this node) and return rank 0's result. A worker that fails takes the others down;
     its message (and exit code: 2 bad input, 3 diverged, 130/143 stopped by a signal) becomes ours."""
     from omegaconf import OmegaConf
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from qtrain.lifecycle import Interrupted
+    from qtrain.lifecycle import EXIT_CODES, Interrupted
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=devices, run_id=f"qtrain-{uuid.uuid4().hex[:12]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
@@ -331,8 +333,9 @@ def launch(cfg, run_dir: Path, choices: dict, devices: int) -> dict:
                           signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
     for name in ("torch.distributed.elastic", "torch.multiprocessing"):  # the workers report their own errors
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    args = (OmegaConf.to_container(cfg, resolve=True), str(run_dir), choices, _log_file(),
-            float(cfg.get("collective_timeout_s", DEFAULT_TIMEOUT_S)))
+    timeout = float(cfg.get("collective_timeout_s", DEFAULT_TIMEOUT_S))
+    args = (OmegaConf.to_container(cfg, resolve=True), str(run_dir), None if resume_dir is None else str(resume_dir),
+            choices, _log_file(), timeout)
     log.info("devices=%d: starting %d workers (torch.distributed, %s)", devices, devices,
              "NCCL" if torch.cuda.is_available() and cfg.device != "cpu" else "Gloo")
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
@@ -343,9 +346,9 @@ def launch(cfg, run_dir: Path, choices: dict, devices: int) -> dict:
         return elastic_launch(config, _worker)(*args)[0]
     except SignalException as e:  # the workers got the signal too, and saved a checkpoint
         raise Interrupted(f"stopped by {e.sigval.name}; the workers saved a checkpoint in {run_dir}.",
-                          128 + e.sigval.value if e.sigval != signal.SIGUSR1 else 143, run_dir) from None
+                          EXIT_CODES.get(e.sigval.name, 128 + e.sigval.value), run_dir) from None
     except ChildFailedError as e:
-        raise _failure(e, devices, run_dir, args[-1]) from None
+        raise _failure(e, devices, run_dir, timeout) from None
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)

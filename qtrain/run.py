@@ -514,8 +514,9 @@ def _result(cfg, given, recorder, model, method, names, summary, device, code, i
 
 
 def main_run(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
-    """Entry from the CLI (and each worker of a data-parallel run): pick what to resume, then train.
-    ``devices > 1`` in a single process starts the workers here (distributed.launch)."""
+    """Entry from the CLI (each process of a torchrun start included): pick what to resume, then
+    train. ``devices > 1`` in a single process starts the workers here (distributed.launch), which
+    then call :func:`train_job` with this decision."""
     ranks = distributed.current()
     devices = _devices(cfg, ranks)
     validate(cfg, warn=False)  # before the fingerprint is taken (train_run validates again, with warnings)
@@ -523,7 +524,12 @@ def main_run(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
     if done is not None:
         return done
     if devices > 1 and ranks.world == 1:
-        return distributed.launch(cfg, run_dir, choices, devices)
+        return distributed.launch(cfg, run_dir, resume_dir, choices, devices)
+    return train_job(cfg, run_dir, resume_dir, choices)
+
+
+def train_job(cfg: DictConfig, run_dir: Path, resume_dir: Path | None, choices: dict) -> dict:
+    """train_run, with a GPU out of memory as one clear error."""
     try:
         return train_run(cfg, run_dir, resume_dir, choices)
     except QtrainError:

@@ -80,12 +80,15 @@ class EpochTotals:
         return _totals(loss_sum, correct_sum, max(n, 1))
 
     def state(self):
-        loss_sum, correct_sum, n = self.ranks.sum(self.loss_sum, self.correct_sum, self.n)
-        state = {"loss_sum": float(loss_sum), "n": int(n), "batches": self.batches,
-                 "correct_sum": None if correct_sum is None else int(correct_sum)}
-        if self.ranks.world > 1:  # and each rank's own sums, to continue from exactly (Ranks.partial_totals)
-            state["per_rank"] = self.ranks.gather(
-                [float(self.loss_sum), None if self.correct_sum is None else int(self.correct_sum), self.n])
+        """The sums of all ranks, and (several ranks) each rank's own, to continue from exactly
+        (Ranks.partial_totals)."""
+        per_rank = self.ranks.gather(
+            [float(self.loss_sum), None if self.correct_sum is None else int(self.correct_sum), self.n])
+        correct = None if self.correct_sum is None else sum(c for _, c, _ in per_rank)
+        state = {"loss_sum": sum(loss for loss, _, _ in per_rank), "n": sum(n for _, _, n in per_rank),
+                 "batches": self.batches, "correct_sum": correct}
+        if self.ranks.world > 1:
+            state["per_rank"] = per_rank
         return state
 
 
