@@ -18,8 +18,10 @@ KEEP=results/cifar10_resnet20_s01
 SCALE=0.1
 QTRAIN=.venv/bin/qtrain
 export QTRAIN_DATA="${QTRAIN_DATA:-$(cd ../shared/data 2>/dev/null && pwd)}"
-LANE_A="ste/cifar10_resnet20_a4_clipped_relu ste/cifar10_resnet20_a2_clipped_relu ste/cifar10_resnet20_a4_relu br/cifar10_resnet20_w1"
-LANE_B="ste/cifar10_resnet20_a4_identity ste/cifar10_resnet20_a2_relu ste/cifar10_resnet20_a2_identity bcgd/cifar10_resnet20_w1a4"
+# A cell is an experiment name, or instability:<cell> for the [STE] §4.2 run that starts from that finished cell
+# (identity STE, lr 1e-5, the paper's 20 epochs: never scaled).
+LANE_A="ste/cifar10_resnet20_a4_clipped_relu ste/cifar10_resnet20_a2_clipped_relu ste/cifar10_resnet20_a4_relu br/cifar10_resnet20_w1 instability:a4_relu"
+LANE_B="ste/cifar10_resnet20_a4_identity ste/cifar10_resnet20_a2_relu ste/cifar10_resnet20_a2_identity instability:a4_clipped_relu bcgd/cifar10_resnet20_w1a4"
 
 # copy one run folder's small files (and its checkpoints) from $1 to $2
 copy_run() {
@@ -49,10 +51,23 @@ restore() {
   done
 }
 
-lane() {  # $1: experiments, $2: lane name
+# the overrides of one cell (see LANE_A); fails when an instability cell's source has not finished
+cell_args() {
+  case "$1" in
+    instability:*)
+      local src; src=$(ls -d "$OUT"/runs/cifar10_resnet20_float_wf"${1#instability:}"/s0_*/result.json 2>/dev/null | head -1)
+      [ -n "$src" ] || { echo "instability: ${1#instability:} has not finished yet" >&2; return 1; }
+      echo "experiment=ste/cifar10_resnet20_a4_instability init=$(dirname "$src")/checkpoints/last.pt" ;;
+    *) echo "experiment=$1 schedule_scale=$SCALE" ;;
+  esac
+}
+
+lane() {  # $1: cells, $2: lane name
   for exp in $1; do
     echo "$(date -u +%FT%TZ) start $exp" >> "$OUT/lane_$2.log"
-    if OMP_NUM_THREADS=1 "$QTRAIN" experiment="$exp" schedule_scale=$SCALE resume=true out_dir="$OUT" \
+    local args; args=$(cell_args "$exp" 2>> "$OUT/lane_$2.log") || { echo "$(date -u +%FT%TZ) SKIPPED $exp" >> "$OUT/lane_$2.log"; continue; }
+    # shellcheck disable=SC2086  # $args is a list of overrides without spaces
+    if OMP_NUM_THREADS=1 "$QTRAIN" $args resume=true out_dir="$OUT" \
         progress=false >> "$OUT/lane_$2.log" 2>&1; then
       echo "$(date -u +%FT%TZ) done $exp" >> "$OUT/lane_$2.log"
     else
@@ -73,13 +88,13 @@ mkdir -p "$OUT"
 case "${1:-}" in
   start)
     restore
-    nohup bash -c "$(declare -f copy_run snapshot lane); OUT=$OUT KEEP=$KEEP SCALE=$SCALE QTRAIN=$QTRAIN; lane '$LANE_A' A" >/dev/null 2>&1 &
+    nohup bash -c "$(declare -f copy_run snapshot cell_args lane); OUT=$OUT KEEP=$KEEP SCALE=$SCALE QTRAIN=$QTRAIN; lane '$LANE_A' A" >/dev/null 2>&1 &
     sleep 60  # lane A takes the float-model lock first; lane B then waits for it instead of racing
-    nohup bash -c "$(declare -f copy_run snapshot lane); OUT=$OUT KEEP=$KEEP SCALE=$SCALE QTRAIN=$QTRAIN; lane '$LANE_B' B" >/dev/null 2>&1 &
+    nohup bash -c "$(declare -f copy_run snapshot cell_args lane); OUT=$OUT KEEP=$KEEP SCALE=$SCALE QTRAIN=$QTRAIN; lane '$LANE_B' B" >/dev/null 2>&1 &
     echo "started; logs: $OUT/lane_A.log, $OUT/lane_B.log" ;;
   lane)  # one lane only: scripts/cifar_campaign.sh lane B
     exps=$([ "${2:-}" = A ] && echo "$LANE_A" || echo "$LANE_B")
-    nohup bash -c "$(declare -f copy_run snapshot lane); OUT=$OUT KEEP=$KEEP SCALE=$SCALE QTRAIN=$QTRAIN; lane '$exps' ${2:-B}" >/dev/null 2>&1 &
+    nohup bash -c "$(declare -f copy_run snapshot cell_args lane); OUT=$OUT KEEP=$KEEP SCALE=$SCALE QTRAIN=$QTRAIN; lane '$exps' ${2:-B}" >/dev/null 2>&1 &
     echo "started lane ${2:-B}; log: $OUT/lane_${2:-B}.log" ;;
   snapshot) snapshot ;;
   restore) restore ;;
