@@ -9,13 +9,17 @@
 
 Runs of one experiment file are grouped over seeds (mean ± std, n). Runs that did not finish
 or used data.limit_* are listed apart and never mixed into a reproduction row. Every experiment
-file with a paper number gets a row; rows without runs say "not run" and why.
+file with a paper number gets a row; rows without runs say "not run" and why. A run started from
+another run's checkpoint (init=<run>/checkpoints/last.pt) is its own row, "(from <that run>)",
+and an experiment whose published result is a trend (paper.per_epoch: true, [STE] §4.2) also gets
+a per-epoch table whose epoch 0 is the last epoch of the run it started from.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import sys
@@ -94,6 +98,42 @@ def run_label(run: dict) -> str:
     return " ".join(overrides) if overrides else run["dir"].name
 
 
+def seed_of(run: dict) -> str:
+    """The run's seed: from result.json, else its overrides, else its folder name (s<seed>_<time>)."""
+    seed = ((run["result"] or {}).get("config") or {}).get("seed")
+    if seed is None:
+        given = [o.split("=", 1)[1] for o in run["overrides"] or [] if o.startswith("seed=")]
+        named = re.match(r"s(\d+)_", run["dir"].name)
+        seed = given[-1] if given else (named.group(1) if named else "?")
+    return str(seed)
+
+
+def source_run(run: dict, runs: list[dict]) -> dict | None:
+    """The run this one started from, for init=<a run>/checkpoints/last.pt (not init=float): found among
+    ``runs`` by its folder (runs/<name>/<seed_time>), so results copied elsewhere still match."""
+    r = run["result"] or {}
+    init = (r.get("config") or {}).get("init")
+    if not init or init == "float":
+        return None
+    want = Path(init).parent.parent
+    for other in runs:
+        if other["dir"].parts[-2:] == want.parts[-2:]:
+            return other
+    return None
+
+
+def source_label(run: dict, runs: list[dict]) -> str | None:
+    """'a4_clipped_relu' for a run started from that cell's run; the init path if that run is not here."""
+    r = run["result"] or {}
+    init = (r.get("config") or {}).get("init")
+    if not init or init == "float":
+        return None
+    src = source_run(run, runs)
+    if src is None:
+        return init
+    return (experiment_of(src) or src["dir"].name).split("/")[-1]
+
+
 # ---------------------------------------------------------------------------------------------
 # Formatting
 # ---------------------------------------------------------------------------------------------
@@ -149,22 +189,23 @@ def table_name(paper_table: str, scale: float) -> str:
 
 def table_rows(runs: list[dict], papers: dict[str, dict]) -> dict[str, list[str]]:
     """table name -> markdown rows. Runs at another ``schedule_scale`` get their own table, named so."""
-    groups = defaultdict(list)
+    groups = defaultdict(list)  # (experiment, scale, starting run or None) -> results; seeds are averaged
     for run in runs:
         if is_reproduction(run) and experiment_of(run):
-            groups[(experiment_of(run), scale_of(run["result"]))].append(run["result"])
+            groups[(experiment_of(run), scale_of(run["result"]), source_label(run, runs))].append(run["result"])
     tables = defaultdict(list)
     for exp, paper in papers.items():
         ref = paper.get("acc")
         ref_text = fmt(ref) if ref is not None else (f"band {paper['sanity_band']:.2f}" if paper.get("sanity_band")
                                                       else "—")
         loss_text = loss_fmt(paper.get("loss"))
-        scales = sorted({scale for (e, scale) in groups if e == exp} | {1.0}, reverse=True)
-        for scale in scales:
-            results = groups.get((exp, scale), [])
-            if results or scale == 1:
-                tables[table_name(paper["table"], scale)].append(
-                    _row(exp, ref, ref_text, loss_text, paper, results))
+        keys = sorted({(scale, src or "") for (e, scale, src) in groups if e == exp}, key=lambda k: (-k[0], k[1]))
+        if not any(scale == 1 for scale, _ in keys):
+            keys.insert(0, (1.0, ""))  # the full-schedule row says why it was not run
+        for scale, src in keys:
+            results = groups.get((exp, scale, src or None), [])
+            name = f"{exp} (from {src})" if src else exp
+            tables[table_name(paper["table"], scale)].append(_row(name, ref, ref_text, loss_text, paper, results))
     return tables
 
 
@@ -233,6 +274,41 @@ def other_rows(runs: list[dict]) -> list[str]:
     return rows
 
 
+def start_row(run: dict, runs: list[dict]) -> dict | None:
+    """Epoch 0 of a run started from another run: that run's last epoch (its weights are this run's start)."""
+    src = source_run(run, runs)
+    return dict(src["rows"][-1], epoch=0) if src and src["rows"] else None
+
+
+def per_epoch_tables(runs: list[dict], papers: dict[str, dict]) -> list[str]:
+    """For experiments whose published result is a trend (paper.per_epoch: true, e.g. [STE] §4.2): every
+    finished run's training loss and test accuracy per epoch, from the run it started from (epoch 0) on."""
+    out = []
+    for run in sorted(runs, key=lambda r: (experiment_of(r) or "", source_label(r, runs) or "")):
+        exp = experiment_of(run)
+        if not (is_reproduction(run) and exp in papers and papers[exp].get("per_epoch")):
+            continue
+        src = source_label(run, runs)
+        start = start_row(run, runs)
+        title = f"### {papers[exp]['table']}, per epoch: {exp}" + (f" from {src}" if src else "")
+        out += [title + f" (seed {run['result']['config'].get('seed', '?')})", "",
+                "| epoch | train loss | test acc | test loss | lr |", "|---|---|---|---|---|"]
+        rows = ([start] if start else []) + run["rows"]
+        for x in rows:
+            label = f"0 (start: {src}'s last epoch)" if x is start else str(x["epoch"])
+            out.append(f"| {label} | {fmt(x.get('train/loss'), '.4f')} | {fmt(x.get('test/acc'))} | "
+                       f"{fmt(x.get('test/loss'), '.4f')} | {fmt(x.get('lr') if x is not start else None, 'g')} |")
+        if start:
+            last = run["rows"][-1]
+            out.append("")
+            out.append(f"From the start to epoch {last['epoch']}: training loss {start['train/loss']:.4f} → "
+                       f"{last['train/loss']:.4f} ({last['train/loss'] - start['train/loss']:+.4f}), test accuracy "
+                       f"{start['test/acc']:.2f} → {last['test/acc']:.2f} ({last['test/acc'] - start['test/acc']:+.2f}"
+                       " points). The start's training loss is the mean over its own last epoch.")
+        out.append("")
+    return out
+
+
 def report(paths: list[Path]) -> str:
     runs = read_runs(paths)
     papers = paper_experiments()
@@ -240,6 +316,7 @@ def report(paths: list[Path]) -> str:
     out = []
     for name in sorted(tables):
         out += [f"### {name}", "", HEADER, *tables[name], ""]
+    out += per_epoch_tables(runs, papers)
     floats = float_rows(runs)
     if floats:
         out += ["### Float starting points (init=float)", "",
@@ -268,26 +345,39 @@ def plot(paths: list[Path], out: Path, match: str | None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in read_runs(paths) if r["rows"] and (match is None or match in (experiment_of(r) or ""))]
+    from matplotlib.ticker import MaxNLocator
+
+    every = read_runs(paths)
+    runs = [r for r in every if r["rows"] and (match is None or match in (experiment_of(r) or ""))
+            and not (r["result"] or {}).get("data_limited")]  # a data-limited check is not a curve of the recipe
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2))
-    names = sorted({experiment_of(r) or r["dir"].name for r in runs})
-    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}  # one colour per experiment
-    seeds = sorted({str((r["result"] or {}).get("config", {}).get("seed", "?")) for r in runs})
-    for run in sorted(runs, key=lambda r: experiment_of(r) or ""):
-        name = experiment_of(run) or run["dir"].name
-        seed = str((run["result"] or {}).get("config", {}).get("seed", "?"))
-        style = dict(color=colors[name], ls=["-", "--", ":", "-."][seeds.index(seed) % 4], lw=1,
-                     label=f"{name.split('/')[-1]} s{seed}")
-        epochs = [x["epoch"] for x in run["rows"]]
-        ax_acc.plot(epochs, [x.get("test/acc") for x in run["rows"]], **style)
-        ax_loss.plot(epochs, [x.get("train/loss") for x in run["rows"]], **style)
+
+    def name_of(run):  # one colour per experiment and starting run
+        src = source_label(run, every)
+        return (experiment_of(run) or run["dir"].name).split("/")[-1] + (f" from {src}" if src else "")
+
+    names = sorted({name_of(r) for r in runs})
+    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
+    seeds = sorted({seed_of(r) for r in runs})
+    for run in sorted(runs, key=name_of):
+        seed = seed_of(run)
+        done = "" if run["result"] else f" ({len(run['rows'])} epochs, running)"
+        style = dict(color=colors[name_of(run)], ls=["-", "--", ":", "-."][seeds.index(seed) % 4], lw=1,
+                     label=f"{name_of(run)} s{seed}{done}")
+        start = start_row(run, every)
+        rows = ([start] if start else []) + run["rows"]  # a run started from another one: its start is epoch 0
+        epochs = [x["epoch"] for x in rows]
+        ax_acc.plot(epochs, [x.get("test/acc") for x in rows], **style)
+        ax_loss.plot(epochs, [x.get("train/loss") for x in rows], **style)
     ax_acc.set_ylabel("test accuracy (%)")
     ax_loss.set_ylabel("training loss")
     ax_loss.set_yscale("log")
     for ax in (ax_acc, ax_loss):
         ax.set_xlabel("epoch")
-    ax_acc.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ncol = 3
+    fig.legend(*ax_acc.get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 * (1 + (len(runs) + ncol - 1) // ncol), 1, 1))  # room for the legend below
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -80,3 +80,31 @@ def test_users_own_runs_get_a_runs_table_labelled_by_overrides(tmp_path):
     runs = text.split("### Runs\n")[1].split("###")[0]
     assert "| method=bcgd wbits=1 abits=4 | 97.50 |" in runs and "s0_2026" not in runs
     assert "session" not in text  # notes about how the committed results were made stay in RESULTS.md
+
+
+def test_runs_started_from_another_run_are_kept_apart_and_shown_per_epoch(tmp_path):
+    """[STE] §4.2: two instability runs from different starts are two rows (not one mean over 'seeds'),
+    and each gets a per-epoch table whose epoch 0 is the last epoch of the run it started from."""
+    src = fake_run(tmp_path, "runs/cifar10_resnet20_float_wfa4_clipped_relu/s0_1", 0, 84.0)
+    src_result = json.loads((src / "result.json").read_text())
+    src_result["choices"] = {"experiment": "ste/cifar10_resnet20_a4_clipped_relu"}
+    (src / "result.json").write_text(json.dumps(src_result))
+    exp = "ste/cifar10_resnet20_a4_instability"
+    for name, init, acc in [("s0_2", "outputs/cifar/runs/cifar10_resnet20_float_wfa4_clipped_relu/s0_1", 80.0),
+                            ("s0_3", "elsewhere/a4_relu_run", 70.0)]:
+        d = fake_run(tmp_path, f"runs/cifar10_resnet20_float_wfa4_identity/{name}", 0, acc)
+        result = json.loads((d / "result.json").read_text())
+        result.update(choices={"experiment": exp}, config={"seed": 0, "init": f"{init}/checkpoints/last.pt"})
+        (d / "result.json").write_text(json.dumps(result))
+    text = report.report([tmp_path])
+    rows = [line for line in text.splitlines() if line.startswith(f"| {exp} ")]
+    assert len(rows) == 2 and "(from cifar10_resnet20_a4_clipped_relu)" in rows[0] and "80.00 (n=1)" in rows[0]
+    assert "(from elsewhere/a4_relu_run/checkpoints/last.pt)" in rows[1] and "70.00 (n=1)" in rows[1]
+    table = text.split(f"per epoch: {exp} from cifar10_resnet20_a4_clipped_relu (seed 0)")[1].split("###")[0]
+    assert "| 0 (start: cifar10_resnet20_a4_clipped_relu's last epoch) | 0.0500 | 84.00 |" in table  # the source's last epoch
+    assert "| 2 | 0.0500 | 80.00 |" in table
+    assert "test accuracy 84.00 → 80.00 (-4.00 points)" in table
+    # a start that is not among the results: its rows, no invented epoch 0
+    other = text.split("from elsewhere/a4_relu_run/checkpoints/last.pt (seed 0)")[1].split("###")[0]
+    assert "| 1 |" in other and "start" not in other
+    assert report.plot([tmp_path], tmp_path / "i.png", "a4_instability") == 2
