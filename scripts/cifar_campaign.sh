@@ -18,10 +18,11 @@ KEEP=results/cifar10_resnet20_s01
 SCALE=0.1
 QTRAIN=.venv/bin/qtrain
 export QTRAIN_DATA="${QTRAIN_DATA:-$(cd ../shared/data 2>/dev/null && pwd)}"
-# A cell is an experiment name, or instability:<cell> for the [STE] §4.2 run that starts from that finished cell
-# (identity STE, lr 1e-5, the paper's 20 epochs: never scaled).
-LANE_A="ste/cifar10_resnet20_a4_clipped_relu ste/cifar10_resnet20_a2_clipped_relu ste/cifar10_resnet20_a4_relu br/cifar10_resnet20_w1 instability:a4_relu"
-LANE_B="ste/cifar10_resnet20_a4_identity ste/cifar10_resnet20_a2_relu ste/cifar10_resnet20_a2_identity instability:a4_clipped_relu bcgd/cifar10_resnet20_w1a4"
+# A cell is an experiment name with optional +overrides (+seed=1: the second seed, which trains its own
+# seed-1 float model first), or instability:<cell> for the [STE] §4.2 run that starts from that finished
+# seed-0 cell (identity STE, lr 1e-5, the paper's 20 epochs: never scaled).
+LANE_A="ste/cifar10_resnet20_a4_clipped_relu ste/cifar10_resnet20_a2_clipped_relu ste/cifar10_resnet20_a4_relu br/cifar10_resnet20_w1 instability:a4_relu ste/cifar10_resnet20_a4_clipped_relu+seed=1"
+LANE_B="ste/cifar10_resnet20_a4_identity ste/cifar10_resnet20_a2_relu ste/cifar10_resnet20_a2_identity instability:a4_clipped_relu bcgd/cifar10_resnet20_w1a4 ste/cifar10_resnet20_a4_identity+seed=1 ste/cifar10_resnet20_a2_clipped_relu+seed=1"
 
 # copy one run folder's small files (and its checkpoints) from $1 to $2
 copy_run() {
@@ -58,7 +59,7 @@ cell_args() {
       local src; src=$(ls -d "$OUT"/runs/cifar10_resnet20_float_wf"${1#instability:}"/s0_*/result.json 2>/dev/null | head -1)
       [ -n "$src" ] || { echo "instability: ${1#instability:} has not finished yet" >&2; return 1; }
       echo "experiment=ste/cifar10_resnet20_a4_instability init=$(dirname "$src")/checkpoints/last.pt" ;;
-    *) echo "experiment=$1 schedule_scale=$SCALE" ;;
+    *) local exp=${1%%+*}; echo "experiment=$exp schedule_scale=$SCALE$([ "$exp" != "$1" ] && echo " ${1#*+}" | tr + ' ')" ;;
   esac
 }
 
