@@ -1,0 +1,75 @@
+"""Where a quantized cell starts: the test accuracy of its float model with the cell's quantizers
+put in, before any quantization-aware training (epoch 0 of the cell's curve).
+
+    python scripts/quantized_start.py experiment=ste/cifar10_resnet20_a2_clipped_relu schedule_scale=0.1 \
+        out_dir=outputs/cifar [act.alpha=optimal] [--json start.json]
+
+The arguments are the cell's own overrides, so the float model is the one the cell's init=float uses
+(found by the same fingerprint; it must exist: this script never trains). The evaluation is the one
+a run logs as test/acc (hard-quantized weights Q(w) where the method quantizes weights). Comparing
+this number with the cell's final accuracy says how much the quantization-aware epochs recovered,
+and trying act.alpha= values says how much the activation clip level alone is worth at the start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from qtrain.errors import QtrainError
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+def quantized_start(overrides: list[str]) -> dict:
+    from qtrain.run import build, float_config, fingerprint, load_init, pick_device
+    from qtrain.train import evaluate
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    if cfg.init != "float":
+        raise QtrainError(f"init={cfg.init}: this script measures the start of a cell that begins from init=float.")
+    fcfg = float_config(cfg)
+    run_dir = Path(cfg.out_dir).resolve() / "float" / f"{cfg.data._target_.split('.')[-1]}_" \
+        f"{cfg.model._target_.split('.')[-1].lower()}_s{cfg.seed}_{fingerprint(fcfg)}"
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    if not (run_dir / "result.json").exists():
+        raise QtrainError(f"{run_dir}: no finished float model for this cell. Run the cell (it trains the float model "
+                          "first) or check out_dir= and the cell's overrides.")
+    device = pick_device("cpu")
+    data, model, method, _, _, task, _ = build(cfg, device)
+    load_init(model, str(ckpt))
+    name, context = method.evaluations()[0]  # what the run logs as test/acc
+    with context:
+        quantized = evaluate(model, data.test, task, device)
+    float_result = json.loads((run_dir / "result.json").read_text())
+    return {"overrides": overrides, "float_model": str(ckpt), "float_test_acc": float_result["final_test_acc"],
+            "quantized_start_test_acc": quantized["acc"], "quantized_start_test_loss": quantized["loss"],
+            "evaluated_as": name, "abits": cfg.abits, "wbits": cfg.wbits, "alpha": cfg.act.alpha,
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="+", help="the cell's overrides, as given to qtrain")
+    p.add_argument("--json", type=Path, help="also append the result, one JSON object per line")
+    args = p.parse_args(argv)
+    try:
+        out = quantized_start(args.overrides)
+    except QtrainError as e:
+        print(f"quantized_start: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    line = json.dumps(out)
+    print(line)
+    if args.json:
+        with args.json.open("a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
