@@ -67,12 +67,18 @@ lane() {  # $1: cells, $2: lane name
   for exp in $1; do
     echo "$(date -u +%FT%TZ) start $exp" >> "$OUT/lane_$2.log"
     local args; args=$(cell_args "$exp" 2>> "$OUT/lane_$2.log") || { echo "$(date -u +%FT%TZ) SKIPPED $exp" >> "$OUT/lane_$2.log"; continue; }
-    # shellcheck disable=SC2086  # $args is a list of overrides without spaces
-    if OMP_NUM_THREADS=1 "$QTRAIN" $args resume=true out_dir="$OUT" \
-        progress=false >> "$OUT/lane_$2.log" 2>&1; then
+    local code attempt
+    for attempt in 1 2; do  # a crash is retried once: resume=true continues from the last checkpoint
+      # shellcheck disable=SC2086  # $args is a list of overrides without spaces
+      OMP_NUM_THREADS=1 "$QTRAIN" $args resume=true out_dir="$OUT" progress=false >> "$OUT/lane_$2.log" 2>&1 \
+        && code=0 || code=$?
+      case $code in 0|2|3|130|143) break ;; esac  # done, bad config, diverged, stopped by a signal: no retry
+      [ "$attempt" = 1 ] && echo "$(date -u +%FT%TZ) $exp exited $code; retrying once" >> "$OUT/lane_$2.log"
+    done
+    if [ "$code" = 0 ]; then
       echo "$(date -u +%FT%TZ) done $exp" >> "$OUT/lane_$2.log"
     else
-      echo "$(date -u +%FT%TZ) FAILED $exp (exit $?)" >> "$OUT/lane_$2.log"
+      echo "$(date -u +%FT%TZ) FAILED $exp (exit $code)" >> "$OUT/lane_$2.log"
     fi
     snapshot
   done
