@@ -108,12 +108,17 @@ def seed_of(run: dict) -> str:
     return str(seed)
 
 
+def init_checkpoint(run: dict) -> str | None:
+    """The checkpoint a finished run started from (init=<path>); None for init=float or no init."""
+    init = ((run["result"] or {}).get("config") or {}).get("init")
+    return None if init in (None, "float") else str(init)
+
+
 def source_run(run: dict, runs: list[dict]) -> dict | None:
-    """The run this one started from, for init=<a run>/checkpoints/last.pt (not init=float): found among
-    ``runs`` by its folder (runs/<name>/<seed_time>), so results copied elsewhere still match."""
-    r = run["result"] or {}
-    init = (r.get("config") or {}).get("init")
-    if not init or init == "float":
+    """The run this one started from (init=<a run>/checkpoints/last.pt): found among ``runs`` by its
+    folder (runs/<name>/<seed_time>), so results copied elsewhere (results/) still match."""
+    init = init_checkpoint(run)
+    if init is None:
         return None
     want = Path(init).parent.parent
     for other in runs:
@@ -123,10 +128,10 @@ def source_run(run: dict, runs: list[dict]) -> dict | None:
 
 
 def source_label(run: dict, runs: list[dict]) -> str | None:
-    """'a4_clipped_relu' for a run started from that cell's run; the init path if that run is not here."""
-    r = run["result"] or {}
-    init = (r.get("config") or {}).get("init")
-    if not init or init == "float":
+    """'cifar10_resnet20_a4_clipped_relu' for a run started from that cell's run; the init path if
+    that run is not among ``runs``; None for a run that did not start from another run."""
+    init = init_checkpoint(run)
+    if init is None:
         return None
     src = source_run(run, runs)
     if src is None:
