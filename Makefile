@@ -35,6 +35,9 @@ figures: install
 
 report: install
 	$(VENV)/bin/qtrain-report results/ --write RESULTS.md --plot docs/ste_mnist_curves.png --match ste/mnist
+	$(VENV)/bin/qtrain-report results/ --plot docs/cifar10_resnet20_curves.png --match cifar10_resnet20 \
+		--exclude instability > /dev/null
+	$(VENV)/bin/qtrain-report results/ --plot docs/cifar10_resnet20_instability.png --match a4_instability > /dev/null
 
 bench: install
 	$(VENV)/bin/qtrain-bench $(ARGS)

@@ -3,6 +3,7 @@
     qtrain-report results/                          print the tables (markdown)
     qtrain-report results/ --write RESULTS.md       regenerate RESULTS.md
     qtrain-report results/ --plot docs/curves.png --match ste/mnist   per-epoch curves
+    qtrain-report results/ --plot c.png --match cifar10_resnet20 --exclude instability
     qtrain-report --collect outputs/repro --into results/ste_mnist   copy the small files of
                                                     finished runs (result.json, metrics.jsonl,
                                                     overrides.yaml) into the repository
@@ -344,7 +345,7 @@ def report(paths: list[Path]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def plot(paths: list[Path], out: Path, match: str | None) -> int:
+def plot(paths: list[Path], out: Path, match: str | None, exclude: str | None = None) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -354,6 +355,7 @@ def plot(paths: list[Path], out: Path, match: str | None) -> int:
 
     every = read_runs(paths)
     runs = [r for r in every if r["rows"] and (match is None or match in (experiment_of(r) or ""))
+            and not (exclude and exclude in (experiment_of(r) or ""))
             and not (r["result"] or {}).get("data_limited")]  # a data-limited check is not a curve of the recipe
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2))
 
@@ -423,6 +425,7 @@ def main(argv=None) -> None:
     p.add_argument("--write", type=Path, help="regenerate this markdown file's generated block (e.g. RESULTS.md)")
     p.add_argument("--plot", type=Path, help="write a PNG of test accuracy and training loss per epoch")
     p.add_argument("--match", help="with --plot: only runs whose experiment contains this text")
+    p.add_argument("--exclude", help="with --plot: leave out runs whose experiment contains this text")
     p.add_argument("--collect", type=Path, help="copy finished runs' small files from this folder ...")
     p.add_argument("--into", type=Path, help="... into this one")
     args = p.parse_args(argv)
@@ -443,7 +446,7 @@ def main(argv=None) -> None:
     else:
         print(tables)
     if args.plot:
-        print(f"plotted {plot(paths, args.plot, args.match)} runs into {args.plot}")
+        print(f"plotted {plot(paths, args.plot, args.match, args.exclude)} runs into {args.plot}")
 
 
 if __name__ == "__main__":
