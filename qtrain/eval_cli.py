@@ -23,9 +23,12 @@ from qtrain import checkpoint
 from qtrain.errors import QtrainError
 
 
-def load_run(path: Path, data_root: str | None = None, device: str = "cpu", limit_test: int | None = None):
+def load_run(path: Path, data_root: str | None = None, device: str = "cpu", limit_test: int | None = None,
+             channels_last: bool | None = None):
     """(checkpoint path, state, cfg, data, model in eval mode, quantized weight names, method, task) of a run
-    folder or checkpoint file: rebuilt from the config stored in the (verified) checkpoint."""
+    folder or checkpoint file: rebuilt from the config stored in the (verified) checkpoint. The memory
+    format is the run's unless ``channels_last`` says otherwise (the CPU's batch norm rounds differently in
+    the two, so only the run's own format reproduces its test numbers to the last bit)."""
     from qtrain.run import build, pick_device
 
     path = Path(path)
@@ -44,7 +47,8 @@ def load_run(path: Path, data_root: str | None = None, device: str = "cpu", limi
             cfg.data.limit_test = limit_test
         cfg.data.limit_train = 1  # the training split is not needed
         cfg.device = device
-        cfg.channels_last = False
+        if channels_last is not None:
+            cfg.channels_last = channels_last
     data, model, method, _, _, task, names = build(cfg, pick_device(device))
     model.load_state_dict(state["model"])
     return path, state, cfg, data, model.eval(), names, method, task

@@ -151,7 +151,7 @@ def qtrain_predictions(model: nn.Module, loader) -> torch.Tensor:
 def export(path: Path, out: Path | None = None, data_root: str | None = None, verify: bool = False) -> dict:
     from safetensors.torch import save_file
 
-    ckpt, state, cfg, data, model, names, method, _ = load_run(path, data_root)
+    ckpt, state, cfg, data, model, names, method, _ = load_run(path, data_root, channels_last=False)  # ONNX: NCHW
     out = Path(out) if out else ckpt.parent.parent / "export"
     out.mkdir(parents=True, exist_ok=True)
     exported, tensors, meta = export_model(model, cfg, names)
