@@ -32,9 +32,8 @@ copy_run() {
   [ -f "$src/.hydra/overrides.yaml" ] && cp -p "$src/.hydra/overrides.yaml" "$dst/overrides.yaml"
   [ -f "$src/overrides.yaml" ] && cp -p "$src/overrides.yaml" "$dst/overrides.yaml"
   cp -p "$src/checkpoints/last.pt" "$dst/checkpoints/last.pt"
-  if [ ! -f "$src/result.json" ] && [ -f "$src/checkpoints/best.pt" ]; then  # running: best.pt too
-    cp -p "$src/checkpoints/best.pt" "$dst/checkpoints/best.pt"
-  fi
+  # best.pt too: a running cell needs it to resume, a finished one's is its best-epoch model
+  if [ -f "$src/checkpoints/best.pt" ]; then cp -p "$src/checkpoints/best.pt" "$dst/checkpoints/best.pt"; fi
 }
 
 snapshot() {
