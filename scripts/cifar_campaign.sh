@@ -83,10 +83,14 @@ lane() {  # $1: cells, $2: lane name
   done
 }
 
-status() {
+status() {  # one line per run: epochs done, last test accuracy, and done / training now / stopped (resumable)
   for m in $(find "$OUT" -name metrics.jsonl | sort); do
-    local d; d=$(dirname "$m")
-    printf '%-90s %3s epochs %s\n' "${d#$OUT/}" "$(wc -l < "$m")" "$([ -f "$d/result.json" ] && echo done || echo running)"
+    local d state acc; d=$(dirname "$m")
+    if [ -f "$d/result.json" ]; then state=done
+    elif [ -f "$d/.lock" ] && ! flock -n "$d/.lock" true; then state="training now"  # its qtrain holds the run lock
+    else state="stopped (resumes with start)"; fi
+    acc=$(tail -n 1 "$m" | sed -n 's/.*"test\/acc": \([0-9.]*\).*/\1/p')
+    printf '%-72s %3s epochs  test acc %-6s %s\n' "${d#$OUT/}" "$(wc -l < "$m")" "$acc" "$state"
   done
 }
 
