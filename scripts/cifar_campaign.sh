@@ -3,6 +3,7 @@
 #
 #   scripts/cifar_campaign.sh start      restore, then run both lanes in the background (resumable)
 #   scripts/cifar_campaign.sh lane B     one lane only (A or B), in the background
+#   scripts/cifar_campaign.sh stop       stop both lanes at the current step (checkpoint saved), then snapshot
 #   scripts/cifar_campaign.sh snapshot   copy finished runs and the state of running ones into results/
 #   scripts/cifar_campaign.sh restore    put the committed state back under outputs/ (a fresh machine)
 #   scripts/cifar_campaign.sh status     one line per run
@@ -13,10 +14,10 @@
 # The float ResNet-20 (init=float) is trained once, by whichever lane gets there first; the other waits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=outputs/cifar
-KEEP=results/cifar10_resnet20_s01
+OUT=${CAMPAIGN_OUT:-outputs/cifar}
+KEEP=${CAMPAIGN_KEEP:-results/cifar10_resnet20_s01}
 SCALE=0.1
-QTRAIN=.venv/bin/qtrain
+QTRAIN=${CAMPAIGN_QTRAIN:-.venv/bin/qtrain}  # (CAMPAIGN_*: for trying the script on a stand-in)
 export QTRAIN_DATA="${QTRAIN_DATA:-$(cd ../shared/data 2>/dev/null && pwd)}"
 # A cell is an experiment name with optional +overrides (+seed=1: the second seed, which trains its own
 # seed-1 float model first), or instability:<cell> for the [STE] §4.2 run that starts from that finished
@@ -94,20 +95,51 @@ status() {  # one line per run: epochs done, last test accuracy, and done / trai
   done
 }
 
+# start lane $1 (A or B) in the background, unless it is already running; its pid goes to lane_<X>.pid
+start_lane() {
+  local name=$1 cells; cells=$([ "$1" = A ] && echo "$LANE_A" || echo "$LANE_B")
+  local pidfile="$OUT/lane_$name.pid"
+  if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    echo "lane $name is already running (pid $(cat "$pidfile")); 'stop' first to restart it"; return 0
+  fi
+  nohup bash -c "$(declare -f copy_run snapshot cell_args lane); OUT=$OUT KEEP=$KEEP SCALE=$SCALE QTRAIN=$QTRAIN; lane '$cells' $name" \
+    >/dev/null 2>&1 &
+  echo $! > "$pidfile"
+  echo "started lane $name (pid $!); log: $OUT/lane_$name.log"
+}
+
+# stop both lanes so that they resume exactly: the lane first (it must start no further cell), then its
+# qtrain gets SIGINT, finishes the current step, saves a checkpoint there and exits; then snapshot
+stop() {
+  local name pid kids
+  for name in A B; do
+    [ -f "$OUT/lane_$name.pid" ] || continue
+    pid=$(cat "$OUT/lane_$name.pid")
+    if kill -0 "$pid" 2>/dev/null; then
+      kids=$(pgrep -P "$pid" || true)
+      kill -9 "$pid"
+      if [ -n "$kids" ]; then
+        kill -INT $kids 2>/dev/null || true
+        for k in $kids; do while kill -0 "$k" 2>/dev/null; do sleep 1; done; done
+      fi
+      echo "stopped lane $name"
+    fi
+    rm -f "$OUT/lane_$name.pid"
+  done
+  snapshot
+}
+
 mkdir -p "$OUT"
 case "${1:-}" in
   start)
     restore
-    nohup bash -c "$(declare -f copy_run snapshot cell_args lane); OUT=$OUT KEEP=$KEEP SCALE=$SCALE QTRAIN=$QTRAIN; lane '$LANE_A' A" >/dev/null 2>&1 &
+    start_lane A
     sleep 60  # lane A takes the float-model lock first; lane B then waits for it instead of racing
-    nohup bash -c "$(declare -f copy_run snapshot cell_args lane); OUT=$OUT KEEP=$KEEP SCALE=$SCALE QTRAIN=$QTRAIN; lane '$LANE_B' B" >/dev/null 2>&1 &
-    echo "started; logs: $OUT/lane_A.log, $OUT/lane_B.log" ;;
-  lane)  # one lane only: scripts/cifar_campaign.sh lane B
-    exps=$([ "${2:-}" = A ] && echo "$LANE_A" || echo "$LANE_B")
-    nohup bash -c "$(declare -f copy_run snapshot cell_args lane); OUT=$OUT KEEP=$KEEP SCALE=$SCALE QTRAIN=$QTRAIN; lane '$exps' ${2:-B}" >/dev/null 2>&1 &
-    echo "started lane ${2:-B}; log: $OUT/lane_${2:-B}.log" ;;
+    start_lane B ;;
+  lane) start_lane "${2:-B}" ;;  # one lane only: scripts/cifar_campaign.sh lane B
+  stop) stop ;;
   snapshot) snapshot ;;
   restore) restore ;;
   status) status ;;
-  *) sed -n 2,12p "$0"; exit 2 ;;
+  *) sed -n 2,14p "$0"; exit 2 ;;
 esac
