@@ -357,6 +357,8 @@ def plot(paths: list[Path], out: Path, match: str | None, exclude: str | None = 
     runs = [r for r in every if r["rows"] and (match is None or match in (experiment_of(r) or ""))
             and not (exclude and exclude in (experiment_of(r) or ""))
             and not (r["result"] or {}).get("data_limited")]  # a data-limited check is not a curve of the recipe
+    if not runs:  # no empty figure (e.g. the §4.2 plot before its runs exist)
+        return 0
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2))
 
     def name_of(run):  # one colour per experiment and starting run
@@ -366,7 +368,7 @@ def plot(paths: list[Path], out: Path, match: str | None, exclude: str | None = 
     names = sorted({name_of(r) for r in runs})
     colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
     seeds = sorted({seed_of(r) for r in runs})
-    for run in sorted(runs, key=name_of):
+    for run in sorted(runs, key=lambda r: (name_of(r), seed_of(r))):
         seed = seed_of(run)
         done = "" if run["result"] else f" ({len(run['rows'])} epochs, running)"
         style = dict(color=colors[name_of(run)], ls=["-", "--", ":", "-."][seeds.index(seed) % 4], lw=1,
@@ -446,7 +448,8 @@ def main(argv=None) -> None:
     else:
         print(tables)
     if args.plot:
-        print(f"plotted {plot(paths, args.plot, args.match, args.exclude)} runs into {args.plot}")
+        n = plot(paths, args.plot, args.match, args.exclude)
+        print(f"plotted {n} runs into {args.plot}" if n else f"no runs to plot: {args.plot} not written", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -109,3 +109,4 @@ def test_runs_started_from_another_run_are_kept_apart_and_shown_per_epoch(tmp_pa
     assert "| 1 |" in other and "start" not in other
     assert report.plot([tmp_path], tmp_path / "i.png", "a4_instability") == 2
     assert report.plot([tmp_path], tmp_path / "c.png", "cifar10_resnet20", exclude="instability") == 1
+    assert report.plot([tmp_path], tmp_path / "none.png", "vgg11") == 0 and not (tmp_path / "none.png").exists()
