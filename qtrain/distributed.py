@@ -318,8 +318,9 @@ def _worker(cfg_container: dict, run_dir: str, resume_dir: str | None, choices: 
 
 def launch(cfg, run_dir: Path, resume_dir: Path | None, choices: dict, devices: int) -> dict:
     """Run the job (continuing ``resume_dir`` when given) on ``devices`` workers started by
-    torch.distributed.elastic (as torchrun would, on a free port of this node) and return rank 0's result. A worker that fails takes the others down;
-    its message (and exit code: 2 bad input, 3 diverged, 130/143 stopped by a signal) becomes ours."""
+    torch.distributed.elastic (as torchrun would, on a free port of this node) and return rank 0's
+    result. A worker that fails takes the others down; its message (and exit code: 2 bad input,
+    3 diverged, 130/143 stopped by a signal) becomes ours."""
     from omegaconf import OmegaConf
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

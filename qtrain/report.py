@@ -297,7 +297,7 @@ def per_epoch_tables(runs: list[dict], papers: dict[str, dict]) -> list[str]:
         src = source_label(run, runs)
         start = start_row(run, runs)
         title = f"### {papers[exp]['table']}, per epoch: {exp}" + (f" from {src}" if src else "")
-        out += [title + f" (seed {run['result']['config'].get('seed', '?')})", "",
+        out += [title + f" (seed {seed_of(run)})", "",
                 "| epoch | train loss | test acc | test loss | lr |", "|---|---|---|---|---|"]
         rows = ([start] if start else []) + run["rows"]
         for x in rows:

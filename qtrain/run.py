@@ -218,13 +218,17 @@ def float_config(cfg: DictConfig) -> DictConfig:
     return OmegaConf.merge(f, cfg.get("pretrain") or {})
 
 
+def float_run_dir(cfg: DictConfig, key: str) -> Path:
+    """Where init=float caches the float model of ``cfg`` (``key``: the fingerprint of its float_config)."""
+    return Path(cfg.out_dir).resolve() / "float" / f"{cfg.data._target_.split('.')[-1]}_" \
+        f"{cfg.model._target_.split('.')[-1].lower()}_s{cfg.seed}_{key}"
+
+
 def float_checkpoint(cfg: DictConfig) -> Path:
     """Path of the cached float checkpoint for ``cfg``; trains it first when missing."""
     ranks = distributed.current()
     fcfg = float_config(cfg)
-    key = ranks.decide(fingerprint, fcfg)
-    run_dir = Path(cfg.out_dir).resolve() / "float" / f"{cfg.data._target_.split('.')[-1]}_" \
-        f"{cfg.model._target_.split('.')[-1].lower()}_s{cfg.seed}_{key}"
+    run_dir = float_run_dir(cfg, ranks.decide(fingerprint, fcfg))
     ckpt = run_dir / "checkpoints" / "last.pt"
     if ranks.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -27,16 +27,14 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
 def quantized_start(overrides: list[str]) -> dict:
-    from qtrain.run import build, float_config, fingerprint, load_init, pick_device
+    from qtrain.run import build, float_config, float_run_dir, fingerprint, load_init, pick_device
     from qtrain.train import evaluate
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     if cfg.init != "float":
         raise QtrainError(f"init={cfg.init}: this script measures the start of a cell that begins from init=float.")
-    fcfg = float_config(cfg)
-    run_dir = Path(cfg.out_dir).resolve() / "float" / f"{cfg.data._target_.split('.')[-1]}_" \
-        f"{cfg.model._target_.split('.')[-1].lower()}_s{cfg.seed}_{fingerprint(fcfg)}"
+    run_dir = float_run_dir(cfg, fingerprint(float_config(cfg)))  # the folder the cell's init=float uses
     ckpt = run_dir / "checkpoints" / "last.pt"
     if not (run_dir / "result.json").exists():
         raise QtrainError(f"{run_dir}: no finished float model for this cell. Run the cell (it trains the float model "
