@@ -22,7 +22,7 @@ export QTRAIN_DATA="${QTRAIN_DATA:-$(cd ../shared/data 2>/dev/null && pwd)}"
 # A cell is an experiment name with optional +overrides (+seed=1: the second seed, which trains its own
 # seed-1 float model first), or instability:<cell> for the [STE] §4.2 run that starts from that finished
 # seed-0 cell (identity STE, lr 1e-5, the paper's 20 epochs: never scaled).
-LANE_A="ste/cifar10_resnet20_a4_clipped_relu ste/cifar10_resnet20_a2_clipped_relu ste/cifar10_resnet20_a4_relu br/cifar10_resnet20_w1 instability:a4_relu ste/cifar10_resnet20_a4_clipped_relu+seed=1"
+LANE_A="ste/cifar10_resnet20_a4_clipped_relu ste/cifar10_resnet20_a2_clipped_relu ste/cifar10_resnet20_a4_relu br/cifar10_resnet20_w1 instability:a4_relu ste/cifar10_resnet20_a4_clipped_relu+seed=1 ste/cifar10_resnet20_a2_relu+seed=1"
 LANE_B="ste/cifar10_resnet20_a4_identity ste/cifar10_resnet20_a2_relu ste/cifar10_resnet20_a2_identity instability:a4_clipped_relu bcgd/cifar10_resnet20_w1a4 ste/cifar10_resnet20_a4_identity+seed=1 ste/cifar10_resnet20_a2_clipped_relu+seed=1"
 
 # copy one run folder's small files (and its checkpoints) from $1 to $2
@@ -86,12 +86,18 @@ lane() {  # $1: cells, $2: lane name
 
 status() {  # one line per run: epochs done, last test accuracy, and done / training now / stopped (resumable)
   for m in $(find "$OUT" -name metrics.jsonl | sort); do
-    local d state acc; d=$(dirname "$m")
+    local d state acc what; d=$(dirname "$m")
     if [ -f "$d/result.json" ]; then state=done
     elif [ -f "$d/.lock" ] && ! flock -n "$d/.lock" true; then state="training now"  # its qtrain holds the run lock
     else state="stopped (resumes with start)"; fi
     acc=$(tail -n 1 "$m" | sed -n 's/.*"test\/acc": \([0-9.]*\).*/\1/p')
     printf '%-72s %3s epochs  test acc %-6s %s\n' "${d#$OUT/}" "$(wc -l < "$m")" "$acc" "$state"
+    # run folders are named by method, bits and STE, so say which cell it is (the §4.2 runs share a folder with
+    # a4 identity): the experiment= and init= overrides it was started with
+    [ -f "$d/.hydra/overrides.yaml" ] || continue
+    what=$(sed -n 's/^- \(experiment\|init\|seed\)=/\1=/p' "$d/.hydra/overrides.yaml" \
+      | sed 's#^init=.*/float/.*#init=float#; s#^init=.*/runs/#init=#' | tr '\n' ' ')
+    [ -z "$what" ] || echo "    ${what% }"
   done
 }
 
