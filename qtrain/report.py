@@ -110,8 +110,12 @@ def seed_of(run: dict) -> str:
 
 
 def init_checkpoint(run: dict) -> str | None:
-    """The checkpoint a finished run started from (init=<path>); None for init=float or no init."""
+    """The checkpoint a run started from (init=<path>): from result.json, else (a run still going) its
+    overrides; None for init=float or no init."""
     init = ((run["result"] or {}).get("config") or {}).get("init")
+    if run["result"] is None:
+        given = [o.split("=", 1)[1] for o in run["overrides"] or [] if o.startswith("init=")]
+        init = given[-1] if given else None
     return None if init in (None, "float") else str(init)
 
 
@@ -370,9 +374,10 @@ def plot(paths: list[Path], out: Path, match: str | None, exclude: str | None = 
     seeds = sorted({seed_of(r) for r in runs})
     for run in sorted(runs, key=lambda r: (name_of(r), seed_of(r))):
         seed = seed_of(run)
-        done = "" if run["result"] else f" ({len(run['rows'])} epochs, running)"
+        n = len(run["rows"])
+        done = "" if run["result"] else f" ({n} epoch{'' if n == 1 else 's'}, running)"
         style = dict(color=colors[name_of(run)], ls=["-", "--", ":", "-."][seeds.index(seed) % 4], lw=1,
-                     label=f"{name_of(run)} s{seed}{done}")
+                     marker=".", ms=3, label=f"{name_of(run)} s{seed}{done}")  # (a marker: one epoch shows)
         start = start_row(run, every)
         rows = ([start] if start else []) + run["rows"]  # a run started from another one: its start is epoch 0
         epochs = [x["epoch"] for x in rows]

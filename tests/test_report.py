@@ -110,3 +110,22 @@ def test_runs_started_from_another_run_are_kept_apart_and_shown_per_epoch(tmp_pa
     assert report.plot([tmp_path], tmp_path / "i.png", "a4_instability") == 2
     assert report.plot([tmp_path], tmp_path / "c.png", "cifar10_resnet20", exclude="instability") == 1
     assert report.plot([tmp_path], tmp_path / "none.png", "vgg11") == 0 and not (tmp_path / "none.png").exists()
+
+
+def test_a_running_run_knows_its_start_from_its_overrides(tmp_path):
+    """A §4.2 run still training has no result.json: its init= override names its start, so the plot's
+    label says 'from <cell>' and its curve begins at that cell's last epoch (epoch 0)."""
+    src = fake_run(tmp_path, "runs/cifar10_resnet20_float_wfa4_clipped_relu/s0_1", 0, 84.0)
+    src_result = json.loads((src / "result.json").read_text())
+    src_result["choices"] = {"experiment": "ste/cifar10_resnet20_a4_clipped_relu"}
+    (src / "result.json").write_text(json.dumps(src_result))
+    d = fake_run(tmp_path, "runs/cifar10_resnet20_float_wfa4_identity/s0_2", 0, 83.0, complete=False)
+    (d / ".hydra").mkdir()
+    (d / ".hydra" / "overrides.yaml").write_text(
+        "- experiment=ste/cifar10_resnet20_a4_instability\n"
+        "- init=outputs/cifar/runs/cifar10_resnet20_float_wfa4_clipped_relu/s0_1/checkpoints/last.pt\n")
+    runs = report.read_runs([tmp_path])
+    running = next(r for r in runs if r["result"] is None)
+    assert report.source_label(running, runs) == "cifar10_resnet20_a4_clipped_relu"
+    assert report.start_row(running, runs) == {"epoch": 0, "test/acc": 84.0, "train/loss": 0.05}
+    assert report.plot([tmp_path], tmp_path / "i.png", "a4_instability") == 1
