@@ -50,9 +50,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def code_identity() -> dict:
-    """git SHA and dirty flag of the qtrain source tree (None outside a git checkout)."""
-    root = Path(__file__).resolve().parent.parent
+#: what decides what a run computes; results, notes and scripts beside it may change while runs train
+#: (a campaign snapshots its finished runs into results/) without making a run's code "dirty"
+SOURCE_PATHS = ("qtrain", "configs", "pyproject.toml")
+
+
+def code_identity(root: Path = Path(__file__).resolve().parent.parent) -> dict:
+    """git SHA of the checkout at ``root``, and whether its source (SOURCE_PATHS) differs from it
+    (None outside a git checkout)."""
 
     def git(*args):
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
@@ -61,7 +66,7 @@ def code_identity() -> dict:
         sha = git("rev-parse", "HEAD")
         if sha.returncode != 0:
             return {"git_sha": None, "git_dirty": None}
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip() != ""
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", *SOURCE_PATHS).stdout.strip() != ""
         return {"git_sha": sha.stdout.strip(), "git_dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"git_sha": None, "git_dirty": None}

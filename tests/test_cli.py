@@ -83,3 +83,26 @@ def test_sweep_reports_failed_job_and_runs_the_others(tmp_path, mnist_root):
 def test_model_that_does_not_fit_the_data_is_one_clear_error(tmp_path, mnist_root):
     r = qtrain(*SMALL, "model=vgg11", cwd=tmp_path, env_data=mnist_root)
     assert r.returncode == 2 and "model VGG does not fit data mnist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_git_dirty_means_the_source_changed_not_the_results(tmp_path):
+    """result.json's git_dirty: a campaign snapshots finished runs into results/ while others train, which
+    must not mark them dirty; an edit under qtrain/ or configs/ must."""
+    from qtrain.record import code_identity
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       check=True, capture_output=True)
+
+    for name in ("qtrain/a.py", "configs/b.yaml", "results/c.json", "RESULTS.md"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("0\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "x")
+    assert code_identity(tmp_path)["git_dirty"] is False
+    (tmp_path / "results/c.json").write_text("1\n")
+    (tmp_path / "RESULTS.md").write_text("1\n")
+    assert code_identity(tmp_path)["git_dirty"] is False
+    (tmp_path / "configs/b.yaml").write_text("1\n")
+    assert code_identity(tmp_path)["git_dirty"] is True
