@@ -21,9 +21,10 @@ QTRAIN=${CAMPAIGN_QTRAIN:-.venv/bin/qtrain}  # (CAMPAIGN_*: for trying the scrip
 export QTRAIN_DATA="${QTRAIN_DATA:-$(cd ../shared/data 2>/dev/null && pwd)}"
 # A cell is an experiment name with optional +overrides (+seed=1: the second seed, which trains its own
 # seed-1 float model first), or instability:<cell> for the [STE] §4.2 run that starts from that finished
-# seed-0 cell (identity STE, lr 1e-5, the paper's 20 epochs: never scaled).
+# seed-0 cell (identity STE, lr 1e-5, the paper's 20 epochs: never scaled), or instability_control:<cell>
+# for its control (the same with the clipped_relu STE; not in the paper).
 LANE_A="ste/cifar10_resnet20_a4_clipped_relu ste/cifar10_resnet20_a2_clipped_relu ste/cifar10_resnet20_a4_relu br/cifar10_resnet20_w1 instability:a4_relu ste/cifar10_resnet20_a4_clipped_relu+seed=1 ste/cifar10_resnet20_a2_relu+seed=1"
-LANE_B="ste/cifar10_resnet20_a4_identity ste/cifar10_resnet20_a2_relu ste/cifar10_resnet20_a2_identity instability:a4_clipped_relu bcgd/cifar10_resnet20_w1a4 ste/cifar10_resnet20_a4_identity+seed=1 ste/cifar10_resnet20_a2_clipped_relu+seed=1"
+LANE_B="ste/cifar10_resnet20_a4_identity ste/cifar10_resnet20_a2_relu ste/cifar10_resnet20_a2_identity instability:a4_clipped_relu bcgd/cifar10_resnet20_w1a4 instability_control:a4_clipped_relu ste/cifar10_resnet20_a4_identity+seed=1 ste/cifar10_resnet20_a2_clipped_relu+seed=1"
 
 # copy one run folder's small files (and its checkpoints) from $1 to $2
 copy_run() {
@@ -55,10 +56,13 @@ restore() {
 # the overrides of one cell (see LANE_A); fails when an instability cell's source has not finished
 cell_args() {
   case "$1" in
-    instability:*)
-      local src; src=$(ls -d "$OUT"/runs/cifar10_resnet20_float_wf"${1#instability:}"/s0_*/result.json 2>/dev/null | head -1)
-      [ -n "$src" ] || { echo "instability: ${1#instability:} has not finished yet" >&2; return 1; }
-      echo "experiment=ste/cifar10_resnet20_a4_instability init=$(dirname "$src")/checkpoints/last.pt" ;;
+    instability*:*)  # instability:<cell> or instability_control:<cell> -> ste/cifar10_resnet20_a4_<kind>
+      local kind=${1%%:*} from=${1#*:} src
+      # the finished seed-0 run of that cell, found by its experiment (the §4.2 runs share its folder)
+      src=$(grep -lx -- "- experiment=ste/cifar10_resnet20_$from" "$OUT"/runs/*/s0_*/.hydra/overrides.yaml 2>/dev/null \
+        | while read -r o; do d=$(dirname "$(dirname "$o")"); [ -f "$d/result.json" ] && echo "$d"; done | head -1)
+      [ -n "$src" ] || { echo "$kind: $from has not finished yet" >&2; return 1; }
+      echo "experiment=ste/cifar10_resnet20_a4_$kind init=$src/checkpoints/last.pt" ;;
     *) local exp=${1%%+*}; echo "experiment=$exp schedule_scale=$SCALE$([ "$exp" != "$1" ] && echo " ${1#*+}" | tr + ' ')" ;;
   esac
 }
