@@ -365,9 +365,9 @@ def plot(paths: list[Path], out: Path, match: str | None, exclude: str | None = 
         return 0
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2))
 
-    def name_of(run):  # one colour per experiment and starting run
+    def name_of(run):  # one colour per experiment and starting run (the method folder says br/, bcgd/, ste/)
         src = source_label(run, every)
-        return (experiment_of(run) or run["dir"].name).split("/")[-1] + (f" from {src}" if src else "")
+        return (experiment_of(run) or run["dir"].name) + (f" from {src}" if src else "")
 
     names = sorted({name_of(r) for r in runs})
     colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
