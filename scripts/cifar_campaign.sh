@@ -59,8 +59,9 @@ cell_args() {
     instability*:*)  # instability:<cell> or instability_control:<cell> -> ste/cifar10_resnet20_a4_<kind>
       local kind=${1%%:*} from=${1#*:} src
       # the finished seed-0 run of that cell, found by its experiment (the §4.2 runs share its folder)
-      src=$(grep -lx -- "- experiment=ste/cifar10_resnet20_$from" "$OUT"/runs/*/s0_*/.hydra/overrides.yaml 2>/dev/null \
-        | while read -r o; do d=$(dirname "$(dirname "$o")"); [ -f "$d/result.json" ] && echo "$d"; done | head -1)
+      # (overrides.yaml is under .hydra/ where qtrain wrote it, at the top where a restore from results/ put it)
+      src=$(grep -lx -- "- experiment=ste/cifar10_resnet20_$from" "$OUT"/runs/*/s0_*/{.hydra/,}overrides.yaml 2>/dev/null \
+        | while read -r o; do d=$(dirname "$o"); d=${d%/.hydra}; [ -f "$d/result.json" ] && echo "$d"; done | head -1)
       [ -n "$src" ] || { echo "$kind: $from has not finished yet" >&2; return 1; }
       echo "experiment=ste/cifar10_resnet20_a4_$kind init=$src/checkpoints/last.pt" ;;
     *) local exp=${1%%+*}; echo "experiment=$exp schedule_scale=$SCALE$([ "$exp" != "$1" ] && echo " ${1#*+}" | tr + ' ')" ;;
@@ -98,8 +99,9 @@ status() {  # one line per run: epochs done, last test accuracy, and done / trai
     printf '%-72s %3s epochs  test acc %-6s %s\n' "${d#$OUT/}" "$(wc -l < "$m")" "$acc" "$state"
     # run folders are named by method, bits and STE, so say which cell it is (the §4.2 runs share a folder with
     # a4 identity): the experiment= and init= overrides it was started with
-    [ -f "$d/.hydra/overrides.yaml" ] || continue
-    what=$(sed -n 's/^- \(experiment\|init\|seed\)=/\1=/p' "$d/.hydra/overrides.yaml" \
+    local o="$d/.hydra/overrides.yaml"; [ -f "$o" ] || o="$d/overrides.yaml"  # (restored runs: at the top)
+    [ -f "$o" ] || continue
+    what=$(sed -n 's/^- \(experiment\|init\|seed\)=/\1=/p' "$o" \
       | sed 's#^init=.*/float/.*#init=float#; s#^init=.*/runs/#init=#' | tr '\n' ' ')
     [ -z "$what" ] || echo "    ${what% }"
   done
