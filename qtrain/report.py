@@ -53,13 +53,16 @@ def read_runs(paths: list[Path]) -> list[dict]:
     return runs
 
 
+def override_of(run: dict, key: str) -> str | None:
+    """The value of ``key=`` among the run's command-line overrides (what a run still going has to go by)."""
+    given = [o.split("=", 1)[1] for o in run["overrides"] or [] if o.startswith(f"{key}=")]
+    return given[-1] if given else None
+
+
 def experiment_of(run: dict) -> str | None:
     if run["result"]:
         return (run["result"].get("choices") or {}).get("experiment")
-    for o in run["overrides"] or []:
-        if o.startswith("experiment="):
-            return o.split("=", 1)[1]
-    return None
+    return override_of(run, "experiment")
 
 
 def is_reproduction(run: dict) -> bool:
@@ -103,19 +106,16 @@ def seed_of(run: dict) -> str:
     """The run's seed: from result.json, else its overrides, else its folder name (s<seed>_<time>)."""
     seed = ((run["result"] or {}).get("config") or {}).get("seed")
     if seed is None:
-        given = [o.split("=", 1)[1] for o in run["overrides"] or [] if o.startswith("seed=")]
         named = re.match(r"s(\d+)_", run["dir"].name)
-        seed = given[-1] if given else (named.group(1) if named else "?")
+        given = override_of(run, "seed")
+        seed = given if given is not None else (named.group(1) if named else "?")
     return str(seed)
 
 
 def init_checkpoint(run: dict) -> str | None:
     """The checkpoint a run started from (init=<path>): from result.json, else (a run still going) its
     overrides; None for init=float or no init."""
-    init = ((run["result"] or {}).get("config") or {}).get("init")
-    if run["result"] is None:
-        given = [o.split("=", 1)[1] for o in run["overrides"] or [] if o.startswith("init=")]
-        init = given[-1] if given else None
+    init = ((run["result"] or {}).get("config") or {}).get("init") if run["result"] else override_of(run, "init")
     return None if init in (None, "float") else str(init)
 
 

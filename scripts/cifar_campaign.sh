@@ -26,13 +26,20 @@ export QTRAIN_DATA="${QTRAIN_DATA:-$(cd ../shared/data 2>/dev/null && pwd)}"
 LANE_A="ste/cifar10_resnet20_a4_clipped_relu ste/cifar10_resnet20_a2_clipped_relu ste/cifar10_resnet20_a4_relu br/cifar10_resnet20_w1 instability:a4_relu ste/cifar10_resnet20_a4_clipped_relu+seed=1 ste/cifar10_resnet20_a2_relu+seed=1"
 LANE_B="ste/cifar10_resnet20_a4_identity ste/cifar10_resnet20_a2_relu ste/cifar10_resnet20_a2_identity instability:a4_clipped_relu bcgd/cifar10_resnet20_w1a4 instability_control:a4_clipped_relu ste/cifar10_resnet20_a4_identity+seed=1 ste/cifar10_resnet20_a2_clipped_relu+seed=1"
 
+# a run folder's overrides.yaml: under .hydra/ where qtrain writes it, at the top where copy_run puts it
+# (results/ and a run restored from there); fails when the folder has neither
+overrides_of() {
+  if [ -f "$1/.hydra/overrides.yaml" ]; then echo "$1/.hydra/overrides.yaml"
+  elif [ -f "$1/overrides.yaml" ]; then echo "$1/overrides.yaml"
+  else return 1; fi
+}
+
 # copy one run folder's small files (and its checkpoints) from $1 to $2
 copy_run() {
   local src=$1 dst=$2
   mkdir -p "$dst/checkpoints"
   for f in result.json metrics.jsonl fingerprint.txt; do [ -f "$src/$f" ] && cp -p "$src/$f" "$dst/$f"; done
-  [ -f "$src/.hydra/overrides.yaml" ] && cp -p "$src/.hydra/overrides.yaml" "$dst/overrides.yaml"
-  [ -f "$src/overrides.yaml" ] && cp -p "$src/overrides.yaml" "$dst/overrides.yaml"
+  local o; if o=$(overrides_of "$src"); then cp -p "$o" "$dst/overrides.yaml"; fi
   cp -p "$src/checkpoints/last.pt" "$dst/checkpoints/last.pt"
   # best.pt too: a running cell needs it to resume, a finished one's is its best-epoch model
   if [ -f "$src/checkpoints/best.pt" ]; then cp -p "$src/checkpoints/best.pt" "$dst/checkpoints/best.pt"; fi
@@ -57,11 +64,12 @@ restore() {
 cell_args() {
   case "$1" in
     instability*:*)  # instability:<cell> or instability_control:<cell> -> ste/cifar10_resnet20_a4_<kind>
-      local kind=${1%%:*} from=${1#*:} src
+      local kind=${1%%:*} from=${1#*:} src="" d o
       # the finished seed-0 run of that cell, found by its experiment (the §4.2 runs share its folder)
-      # (overrides.yaml is under .hydra/ where qtrain wrote it, at the top where a restore from results/ put it)
-      src=$(grep -lx -- "- experiment=ste/cifar10_resnet20_$from" "$OUT"/runs/*/s0_*/{.hydra/,}overrides.yaml 2>/dev/null \
-        | while read -r o; do d=$(dirname "$o"); d=${d%/.hydra}; [ -f "$d/result.json" ] && echo "$d"; done | head -1)
+      for d in "$OUT"/runs/*/s0_*; do
+        if [ -f "$d/result.json" ] && o=$(overrides_of "$d") \
+          && grep -qx -- "- experiment=ste/cifar10_resnet20_$from" "$o"; then src=$d; break; fi
+      done
       [ -n "$src" ] || { echo "$kind: $from has not finished yet" >&2; return 1; }
       echo "experiment=ste/cifar10_resnet20_a4_$kind init=$src/checkpoints/last.pt" ;;
     *) local exp=${1%%+*}; echo "experiment=$exp schedule_scale=$SCALE$([ "$exp" != "$1" ] && echo " ${1#*+}" | tr + ' ')" ;;
@@ -99,8 +107,7 @@ status() {  # one line per run: epochs done, last test accuracy, and done / trai
     printf '%-72s %3s epochs  test acc %-6s %s\n' "${d#$OUT/}" "$(wc -l < "$m")" "$acc" "$state"
     # run folders are named by method, bits and STE, so say which cell it is (the §4.2 runs share a folder with
     # a4 identity): the experiment= and init= overrides it was started with
-    local o="$d/.hydra/overrides.yaml"; [ -f "$o" ] || o="$d/overrides.yaml"  # (restored runs: at the top)
-    [ -f "$o" ] || continue
+    local o; o=$(overrides_of "$d") || continue
     what=$(sed -n 's/^- \(experiment\|init\|seed\)=/\1=/p' "$o" \
       | sed 's#^init=.*/float/.*#init=float#; s#^init=.*/runs/#init=#' | tr '\n' ' ')
     [ -z "$what" ] || echo "    ${what% }"
@@ -114,7 +121,7 @@ start_lane() {
   if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
     echo "lane $name is already running (pid $(cat "$pidfile")); 'stop' first to restart it"; return 0
   fi
-  nohup bash -c "$(declare -f copy_run snapshot cell_args lane); OUT=$OUT KEEP=$KEEP SCALE=$SCALE QTRAIN=$QTRAIN; lane '$cells' $name" \
+  nohup bash -c "$(declare -f overrides_of copy_run snapshot cell_args lane); OUT=$OUT KEEP=$KEEP SCALE=$SCALE QTRAIN=$QTRAIN; lane '$cells' $name" \
     >/dev/null 2>&1 &
   echo $! > "$pidfile"
   echo "started lane $name (pid $!); log: $OUT/lane_$name.log"

@@ -7,7 +7,7 @@ from qtrain import report
 EXP = "ste/mnist_lenet5_a2_relu"
 
 
-def fake_run(root, name, seed, acc, limited=False, complete=True):
+def fake_run(root, name, seed, acc, limited=False, complete=True, exp=EXP):
     d = root / name
     d.mkdir(parents=True)
     rows = [{"epoch": 1, "test/acc": acc - 1, "train/loss": 0.1}, {"epoch": 2, "test/acc": acc, "train/loss": 0.05}]
@@ -15,7 +15,7 @@ def fake_run(root, name, seed, acc, limited=False, complete=True):
     if complete:
         result = {"status": "complete", "final_test_acc": acc, "best_test_acc": acc + 0.1, "final_train_loss": 0.05,
                   "epochs": 2, "data_limited": limited, "device": "cpu (x86_64, 1 threads)", "wall_time_s": 120.0,
-                  "train_images_per_s": 4000.0, "choices": {"experiment": EXP}, "config": {"seed": seed}}
+                  "train_images_per_s": 4000.0, "choices": {"experiment": exp}, "config": {"seed": seed}}
         (d / "result.json").write_text(json.dumps(result))
     return d
 
@@ -85,10 +85,8 @@ def test_users_own_runs_get_a_runs_table_labelled_by_overrides(tmp_path):
 def test_runs_started_from_another_run_are_kept_apart_and_shown_per_epoch(tmp_path):
     """[STE] §4.2: two instability runs from different starts are two rows (not one mean over 'seeds'),
     and each gets a per-epoch table whose epoch 0 is the last epoch of the run it started from."""
-    src = fake_run(tmp_path, "runs/cifar10_resnet20_float_wfa4_clipped_relu/s0_1", 0, 84.0)
-    src_result = json.loads((src / "result.json").read_text())
-    src_result["choices"] = {"experiment": "ste/cifar10_resnet20_a4_clipped_relu"}
-    (src / "result.json").write_text(json.dumps(src_result))
+    fake_run(tmp_path, "runs/cifar10_resnet20_float_wfa4_clipped_relu/s0_1", 0, 84.0,
+             exp="ste/cifar10_resnet20_a4_clipped_relu")
     exp = "ste/cifar10_resnet20_a4_instability"
     for name, init, acc in [("s0_2", "outputs/cifar/runs/cifar10_resnet20_float_wfa4_clipped_relu/s0_1", 80.0),
                             ("s0_3", "elsewhere/a4_relu_run", 70.0)]:
@@ -115,10 +113,8 @@ def test_runs_started_from_another_run_are_kept_apart_and_shown_per_epoch(tmp_pa
 def test_a_running_run_knows_its_start_from_its_overrides(tmp_path):
     """A §4.2 run still training has no result.json: its init= override names its start, so the plot's
     label says 'from <cell>' and its curve begins at that cell's last epoch (epoch 0)."""
-    src = fake_run(tmp_path, "runs/cifar10_resnet20_float_wfa4_clipped_relu/s0_1", 0, 84.0)
-    src_result = json.loads((src / "result.json").read_text())
-    src_result["choices"] = {"experiment": "ste/cifar10_resnet20_a4_clipped_relu"}
-    (src / "result.json").write_text(json.dumps(src_result))
+    fake_run(tmp_path, "runs/cifar10_resnet20_float_wfa4_clipped_relu/s0_1", 0, 84.0,
+             exp="ste/cifar10_resnet20_a4_clipped_relu")
     d = fake_run(tmp_path, "runs/cifar10_resnet20_float_wfa4_identity/s0_2", 0, 83.0, complete=False)
     (d / ".hydra").mkdir()
     (d / ".hydra" / "overrides.yaml").write_text(
