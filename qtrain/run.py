@@ -582,12 +582,15 @@ def _choose_resume(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, dict | 
             _resume_state(resume_dir, identity(cfg))  # names the differing keys
             raise ConfigError(f"resume={resume_dir}: that run was trained with another config (its fingerprint "
                               "differs). Resume with the run's own settings, or start a new run.")
-    if resume_dir is not None and (resume_dir / "result.json").exists():
+    if resume_dir is None:
+        return None, None
+    # This invocation's own folder (Hydra made it) points at the run it continued, or found complete, so
+    # that the folder explains itself and a multirun's summary reads the job's result from there.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "resumed_into.txt").write_text(str(resume_dir) + "\n")
+    if (resume_dir / "result.json").exists():
         done = json.loads((resume_dir / "result.json").read_text())
         if done.get("status") == "complete":
             log.info("resume: %s is already complete; nothing to do", resume_dir)
             return resume_dir, done
-    if resume_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "resumed_into.txt").write_text(str(resume_dir) + "\n")
     return resume_dir, None

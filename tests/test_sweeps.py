@@ -40,6 +40,23 @@ def test_joblib_launcher_reports_a_failed_job_and_exits_non_zero(tmp_path, mnist
     assert rows["abits=2"] == "complete" and rows["abits=0"] != "complete"
 
 
+def test_rerunning_a_finished_sweep_with_resume_reports_every_job_complete(tmp_path, mnist_root):
+    # The campaign workflow: start the same sweep again with resume=true. Nothing is retrained, and the
+    # new sweep's table and exit status come from the runs the first sweep finished.
+    for attempt in (1, 2):
+        r = run("-m", "abits=2,4", "resume=true", *TINY, cwd=tmp_path, data=mnist_root)
+        assert r.returncode == 0, (attempt, r.stderr)
+    first, second = sorted((tmp_path / "out" / "multirun").iterdir())
+    rows = {row["job"]: row for row in csv.DictReader(open(second / "summary.csv"))}
+    assert {row["status"] for row in rows.values()} == {"complete"}
+    originals = {row["run_dir"] for row in csv.DictReader(open(first / "summary.csv"))}
+    assert {row["run_dir"] for row in rows.values()} == originals  # the first sweep's runs, not retrained
+    for job in second.iterdir():
+        if job.is_dir() and (job / ".hydra").is_dir():
+            assert not (job / "result.json").exists()
+            assert (job / "resumed_into.txt").read_text().strip() in originals
+
+
 def test_qtrain_eval_reproduces_the_runs_own_test_accuracy(tmp_path, mnist_root):
     import json
 
