@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -425,6 +426,15 @@ def write_results_md(path: Path, tables: str, paths: list[Path]) -> None:
     path.write_text(head + block + tail)
 
 
+def _print_to_pipe(text: str) -> None:
+    """Print; when the reader has gone away (`qtrain-report | head`), stop quietly as other Unix tools do.
+    stdout is pointed at /dev/null so that Python's flush at exit does not raise again (Python docs, signal)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="qtrain-report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -451,7 +461,7 @@ def main(argv=None) -> None:
         write_results_md(args.write, tables, paths)
         print(f"wrote {args.write}")
     else:
-        print(tables)
+        _print_to_pipe(tables)
     if args.plot:
         n = plot(paths, args.plot, args.match, args.exclude)
         print(f"plotted {n} runs into {args.plot}" if n else f"no runs to plot: {args.plot} not written", file=sys.stderr)

@@ -1,6 +1,9 @@
 """qtrain-report: grouping over seeds, separation of limited/incomplete runs, not-run rows, RESULTS.md."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 from qtrain import report
 
@@ -125,3 +128,13 @@ def test_a_running_run_knows_its_start_from_its_overrides(tmp_path):
     assert report.source_label(running, runs) == "cifar10_resnet20_a4_clipped_relu"
     assert report.start_row(running, runs) == {"epoch": 0, "test/acc": 84.0, "train/loss": 0.05}
     assert report.plot([tmp_path], tmp_path / "i.png", "a4_instability") == 1
+
+
+def test_a_reader_that_stops_early_ends_the_report_quietly(tmp_path):
+    # `qtrain-report results/ | head`: the reader is gone before the tables are printed
+    fake_run(tmp_path, "a", 0, 99.0)
+    cmd = [str(Path(sys.executable).parent / "qtrain-report"), str(tmp_path)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and b"Traceback" not in err, err.decode()
