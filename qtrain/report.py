@@ -60,6 +60,21 @@ def override_of(run: dict, key: str) -> str | None:
     return given[-1] if given else None
 
 
+#: overrides that keep a run in its experiment's row: the row's own keys (seeds are averaged; the schedule
+#: scale and the run it started from get their own table and row) and the run-time keys that qtrain.run
+#: leaves out of a run's fingerprint (its VOLATILE; a test keeps the two in step). Any other override
+#: (optim.lr=0.01) makes the run a variant with a row of its own, never a second seed of the cell.
+SAME_CELL_KEYS = {"experiment", "seed", "schedule_scale", "init", "resume", "progress", "device", "stop_after_epoch",
+                  "out_dir", "paper", "objective", "log_every_n_steps", "collective_timeout_s"}
+
+
+def variant_of(run: dict) -> str:
+    """The overrides that make a run differ from its experiment file ('optim.lr=0.01'); '' for none."""
+    changed = [o.lstrip("+") for o in run["overrides"] or []
+               if o.lstrip("+~").split("=", 1)[0] not in SAME_CELL_KEYS and not o.startswith("hydra.")]
+    return " ".join(sorted(changed))
+
+
 def experiment_of(run: dict) -> str | None:
     if run["result"]:
         return (run["result"].get("choices") or {}).get("experiment")
@@ -145,6 +160,11 @@ def source_label(run: dict, runs: list[dict]) -> str | None:
     return (experiment_of(src) or src["dir"].name).split("/")[-1]
 
 
+def cell_name(exp: str, src: str | None, variant: str) -> str:
+    """How tables and legends name a row: 'ste/x', 'ste/x (from <start>)', 'bcgd/y with optim.lr=0.01'."""
+    return exp + (f" (from {src})" if src else "") + (f" with {variant}" if variant else "")
+
+
 # ---------------------------------------------------------------------------------------------
 # Formatting
 # ---------------------------------------------------------------------------------------------
@@ -200,22 +220,23 @@ def table_name(paper_table: str, scale: float) -> str:
 
 def table_rows(runs: list[dict], papers: dict[str, dict]) -> dict[str, list[str]]:
     """table name -> markdown rows. Runs at another ``schedule_scale`` get their own table, named so."""
-    groups = defaultdict(list)  # (experiment, scale, starting run or None) -> results; seeds are averaged
+    groups = defaultdict(list)  # (experiment, scale, starting run or "", variant) -> results; seeds are averaged
     for run in runs:
         if is_reproduction(run) and experiment_of(run):
-            groups[(experiment_of(run), scale_of(run["result"]), source_label(run, runs))].append(run["result"])
+            key = (experiment_of(run), scale_of(run["result"]), source_label(run, runs) or "", variant_of(run))
+            groups[key].append(run["result"])
     tables = defaultdict(list)
     for exp, paper in papers.items():
         ref = paper.get("acc")
         ref_text = fmt(ref) if ref is not None else (f"band {paper['sanity_band']:.2f}" if paper.get("sanity_band")
                                                       else "—")
         loss_text = loss_fmt(paper.get("loss"))
-        keys = sorted({(scale, src or "") for (e, scale, src) in groups if e == exp}, key=lambda k: (-k[0], k[1]))
-        if not any(scale == 1 for scale, _ in keys):
-            keys.insert(0, (1.0, ""))  # the full-schedule row says why it was not run
-        for scale, src in keys:
-            results = groups.get((exp, scale, src or None), [])
-            name = f"{exp} (from {src})" if src else exp
+        keys = sorted({k[1:] for k in groups if k[0] == exp}, key=lambda k: (-k[0], k[1], k[2]))
+        if not any(scale == 1 and not variant for scale, _, variant in keys):
+            keys.insert(0, (1.0, "", ""))  # the full-schedule row of the cell as configured says why it was not run
+        for scale, src, variant in keys:
+            results = groups.get((exp, scale, src, variant), [])
+            name = cell_name(exp, src, variant)
             tables[table_name(paper["table"], scale)].append(_row(name, ref, ref_text, loss_text, paper, results))
     return tables
 
@@ -301,7 +322,7 @@ def per_epoch_tables(runs: list[dict], papers: dict[str, dict]) -> list[str]:
             continue
         src = source_label(run, runs)
         start = start_row(run, runs)
-        title = f"### {papers[exp]['table']}, per epoch: {exp}" + (f" from {src}" if src else "")
+        title = f"### {papers[exp]['table']}, per epoch: {cell_name(exp, src, variant_of(run))}"
         out += [title + f" (seed {seed_of(run)})", "",
                 "| epoch | train loss | test acc | test loss | lr |", "|---|---|---|---|---|"]
         rows = ([start] if start else []) + run["rows"]
@@ -366,9 +387,8 @@ def plot(paths: list[Path], out: Path, match: str | None, exclude: str | None = 
         return 0
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2))
 
-    def name_of(run):  # one colour per experiment and starting run (the method folder says br/, bcgd/, ste/)
-        src = source_label(run, every)
-        return (experiment_of(run) or run["dir"].name) + (f" from {src}" if src else "")
+    def name_of(run):  # one colour per row of the tables (the method folder says br/, bcgd/, ste/)
+        return cell_name(experiment_of(run) or run["dir"].name, source_label(run, every), variant_of(run))
 
     names = sorted({name_of(r) for r in runs})
     colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}

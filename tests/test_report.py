@@ -73,6 +73,24 @@ def test_scaled_runs_get_their_own_table_and_say_so(tmp_path):
     assert full and "not run" in full[0]
 
 
+def test_a_run_with_changed_settings_gets_its_own_row_not_a_seed_of_the_cell(tmp_path):
+    for name, seed, acc, extra in [("a", 0, 99.0, []), ("b", 1, 99.4, ["seed=1"]),
+                                   ("c", 0, 90.0, ["optim.lr=0.5"]), ("d", 1, 91.0, ["seed=1", "optim.lr=0.5"])]:
+        d = fake_run(tmp_path, name, seed, acc)
+        lines = [f"experiment={EXP}", *extra, "resume=true", "out_dir=x", "progress=false"]
+        (d / "overrides.yaml").write_text("".join(f"- {o}\n" for o in lines))
+    text = report.report([tmp_path])
+    (cell,) = [line for line in text.splitlines() if line.startswith(f"| {EXP} |")]
+    (variant,) = [line for line in text.splitlines() if line.startswith(f"| {EXP} with optim.lr=0.5 |")]
+    assert "99.20 ± 0.28 (n=2)" in cell and "90.50 ± 0.71 (n=2)" in variant
+
+
+def test_the_keys_that_keep_a_run_in_its_cell_cover_the_run_time_keys():
+    from qtrain.run import VOLATILE
+
+    assert set(VOLATILE) <= report.SAME_CELL_KEYS
+
+
 def test_users_own_runs_get_a_runs_table_labelled_by_overrides(tmp_path):
     d = fake_run(tmp_path, "mine/s0_20260101-000000", 0, 97.5)
     result = json.loads((d / "result.json").read_text())
@@ -101,12 +119,12 @@ def test_runs_started_from_another_run_are_kept_apart_and_shown_per_epoch(tmp_pa
     rows = [line for line in text.splitlines() if line.startswith(f"| {exp} ")]
     assert len(rows) == 2 and "(from cifar10_resnet20_a4_clipped_relu)" in rows[0] and "80.00 (n=1)" in rows[0]
     assert "(from elsewhere/a4_relu_run/checkpoints/last.pt)" in rows[1] and "70.00 (n=1)" in rows[1]
-    table = text.split(f"per epoch: {exp} from cifar10_resnet20_a4_clipped_relu (seed 0)")[1].split("###")[0]
+    table = text.split(f"per epoch: {exp} (from cifar10_resnet20_a4_clipped_relu) (seed 0)")[1].split("###")[0]
     assert "| 0 (start: cifar10_resnet20_a4_clipped_relu's last epoch) | 0.0500 | 84.00 |" in table  # the source's last epoch
     assert "| 2 | 0.0500 | 80.00 |" in table
     assert "test accuracy 84.00 → 80.00 (-4.00 points)" in table
     # a start that is not among the results: its rows, no invented epoch 0
-    other = text.split("from elsewhere/a4_relu_run/checkpoints/last.pt (seed 0)")[1].split("###")[0]
+    other = text.split("(from elsewhere/a4_relu_run/checkpoints/last.pt) (seed 0)")[1].split("###")[0]
     assert "| 1 |" in other and "start" not in other
     assert report.plot([tmp_path], tmp_path / "i.png", "a4_instability") == 2
     assert report.plot([tmp_path], tmp_path / "c.png", "cifar10_resnet20", exclude="instability") == 1
