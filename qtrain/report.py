@@ -12,8 +12,9 @@ Runs of one experiment file are grouped over seeds (mean ± std, n). Runs that d
 or used data.limit_* are listed apart and never mixed into a reproduction row. Every experiment
 file with a paper number gets a row; rows without runs say "not run" and why. A run started from
 another run's checkpoint (init=<run>/checkpoints/last.pt) is its own row, "(from <that run>)", and
-so is a run with other settings than its experiment file's ("with optim.lr=0.01"), and an experiment whose published result is a trend (paper.per_epoch: true, [STE] §4.2) also gets
-a per-epoch table whose epoch 0 is the last epoch of the run it started from.
+so is a run with other settings than its experiment file's ("with optim.lr=0.01"). An experiment
+whose published result is a trend (paper.per_epoch: true, [STE] §4.2) also gets a per-epoch table
+whose epoch 0 is the last epoch of the run it started from.
 """
 
 from __future__ import annotations
