@@ -411,8 +411,9 @@ def plot(paths: list[Path], out: Path, match: str | None, exclude: str | None = 
     for ax in (ax_acc, ax_loss):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ncol = 3
-    fig.legend(*ax_acc.get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+    handles, labels = ax_acc.get_legend_handles_labels()
+    ncol = 3 if max(map(len, labels)) <= 60 else 1  # long names ("… (from <start run>)") need the full width
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.04 * (1 + (len(runs) + ncol - 1) // ncol), 1, 1))  # room for the legend below
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
