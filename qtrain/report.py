@@ -132,7 +132,7 @@ def seed_of(run: dict) -> str:
 def init_checkpoint(run: dict) -> str | None:
     """The checkpoint a run started from (init=<path>): from result.json, else (a run still going) its
     overrides; None for init=float or no init."""
-    init = ((run["result"] or {}).get("config") or {}).get("init") if run["result"] else override_of(run, "init")
+    init = (run["result"].get("config") or {}).get("init") if run["result"] else override_of(run, "init")
     return None if init in (None, "float") else str(init)
 
 
