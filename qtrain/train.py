@@ -56,15 +56,16 @@ class EpochTotals:
     """Running sums of one training epoch, kept on the device (no host sync per batch).
 
     ``state()`` goes into a mid-epoch checkpoint and ``EpochTotals(device, **state)`` restores it, so a
-    run resumed there reports the same epoch loss and accuracy as an uninterrupted one. ``summary()``
+    run resumed there reports the same epoch loss and accuracy as an uninterrupted one, and an epoch time
+    (``seconds``: the training time of every process that worked on the epoch) that is the whole epoch's. ``summary()``
     and ``state()`` are of all ranks (collectives: every rank calls them); ``local_summary()`` is this
     rank's, for its progress bar.
     """
 
-    def __init__(self, device, loss_sum=0.0, correct_sum=0, n=0, batches=0, ranks=SINGLE):
+    def __init__(self, device, loss_sum=0.0, correct_sum=0, n=0, batches=0, seconds=0.0, ranks=SINGLE):
         self.loss_sum = torch.tensor(float(loss_sum), device=device)
         self.correct_sum = None if correct_sum is None else torch.tensor(int(correct_sum), device=device)
-        self.n, self.batches, self.ranks = n, batches, ranks
+        self.n, self.batches, self.seconds, self.ranks = n, batches, seconds, ranks
 
     def add(self, loss, correct, n):
         self.loss_sum += loss * n
@@ -86,7 +87,7 @@ class EpochTotals:
             [float(self.loss_sum), None if self.correct_sum is None else int(self.correct_sum), self.n])
         correct = None if self.correct_sum is None else sum(c for _, c, _ in per_rank)
         state = {"loss_sum": sum(loss for loss, _, _ in per_rank), "n": sum(n for _, _, n in per_rank),
-                 "batches": self.batches, "correct_sum": correct}
+                 "batches": self.batches, "correct_sum": correct, "seconds": self.seconds}
         if self.ranks.world > 1:
             state["per_rank"] = per_rank
         return state
@@ -170,9 +171,11 @@ def train_one_epoch(model, method, optimizer, loader, task, device, amp_dtype=No
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
+    totals.seconds += seconds  # the epoch's time so far, of this process and any before it (a resumed epoch)
     partial = totals.batches < len(loader)
     (images,) = ranks.sum(totals.n - first)  # of all ranks: the run's throughput
-    return {**totals.summary(), "images_per_s": images / max(seconds, 1e-9), "seconds": seconds,
+    # images/s is of this process's part of the epoch: a rate, so a resumed epoch's is still a fair one
+    return {**totals.summary(), "images_per_s": images / max(seconds, 1e-9), "seconds": totals.seconds,
             "partial": partial, "totals": totals}
 
 

@@ -22,9 +22,10 @@ export QTRAIN_DATA="${QTRAIN_DATA:-$(cd ../shared/data 2>/dev/null && pwd)}"
 # A cell is an experiment name with optional +overrides (+seed=1: the second seed, which trains its own
 # seed-1 float model first), or instability:<cell> for the [STE] §4.2 run that starts from that finished
 # seed-0 cell (identity STE, lr 1e-5, the paper's 20 epochs: never scaled), or instability_control:<cell>
-# for its control (the same with the clipped_relu STE; not in the paper).
+# for its control (the same with the clipped_relu STE; not in the paper). The second seed of rows 2-4
+# comes before the extra cells (a2 relu seed 1, BCGD at lr 0.01).
 LANE_A="ste/cifar10_resnet20_a4_clipped_relu ste/cifar10_resnet20_a2_clipped_relu ste/cifar10_resnet20_a4_relu br/cifar10_resnet20_w1 instability:a4_relu ste/cifar10_resnet20_a4_clipped_relu+seed=1 ste/cifar10_resnet20_a2_relu+seed=1"
-LANE_B="ste/cifar10_resnet20_a4_identity ste/cifar10_resnet20_a2_relu ste/cifar10_resnet20_a2_identity instability:a4_clipped_relu bcgd/cifar10_resnet20_w1a4 instability_control:a4_clipped_relu bcgd/cifar10_resnet20_w1a4+optim.lr=0.01 ste/cifar10_resnet20_a4_identity+seed=1 ste/cifar10_resnet20_a2_clipped_relu+seed=1"
+LANE_B="ste/cifar10_resnet20_a4_identity ste/cifar10_resnet20_a2_relu ste/cifar10_resnet20_a2_identity instability:a4_clipped_relu bcgd/cifar10_resnet20_w1a4 instability_control:a4_clipped_relu ste/cifar10_resnet20_a4_identity+seed=1 ste/cifar10_resnet20_a2_clipped_relu+seed=1 bcgd/cifar10_resnet20_w1a4+optim.lr=0.01"
 
 # a run folder's overrides.yaml: under .hydra/ where qtrain writes it, at the top where copy_run puts it
 # (results/ and a run restored from there); fails when the folder has neither

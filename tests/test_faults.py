@@ -129,6 +129,10 @@ def test_signal_mid_epoch_then_resume_is_bitwise_equal(small_cfg, tmp_path, monk
     assert e.value.exit_code == code
     state = checkpoint.load(part / "checkpoints" / "last.pt")
     assert state["epoch"] == 1 and state["partial"]["batches"] == 7
+    assert state["partial"]["seconds"] > 0  # epoch 2's training time up to the signal
+    # make it stand out: the resumed epoch's time must include it (the part before plus the rest)
+    state["partial"]["seconds"] = before = 1000.0
+    checkpoint.save(state, part / "checkpoints" / "last.pt", keep_previous=False)
     monkeypatch.undo()
     cfg.resume = True
     resumed = main_run(cfg, tmp_path / "outputs" / "new", {})
@@ -136,6 +140,8 @@ def test_signal_mid_epoch_then_resume_is_bitwise_equal(small_cfg, tmp_path, monk
     assert_same_weights(tmp_path / "outputs" / "full", part)
     assert resumed["final_train_loss"] == full["final_train_loss"]
     assert resumed["final_test_acc"] == full["final_test_acc"]
+    rows = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["epoch"] == 2 and before < rows[1]["train/epoch_seconds"] < before + 60
 
 
 def test_sigint_from_outside_prints_one_line_and_resumes(tmp_path, mnist_root):
