@@ -285,7 +285,7 @@ def _worker(cfg_container: dict, run_dir: str, resume_dir: str | None, choices: 
     from omegaconf import OmegaConf
     from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
-    from qtrain.lifecycle import quit_on_signals_outside_training
+    from qtrain.lifecycle import Interrupted, quit_on_signals_outside_training
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     quit_on_signals_outside_training()
@@ -301,7 +301,7 @@ def _worker(cfg_container: dict, run_dir: str, resume_dir: str | None, choices: 
         result = train_job(cfg, Path(run_dir), None if resume_dir is None else Path(resume_dir), choices)
         return result if rank == 0 else None
     except QtrainError as e:  # for the launcher: the message and the exit code, no traceback
-        if rank == 0:
+        if rank == 0 and not isinstance(e, Interrupted):  # (a stop is logged where it happens)
             log.info("%s", e)
         get_error_handler().record_exception(e)
         sys.exit(getattr(e, "exit_code", 2))

@@ -38,7 +38,7 @@ from qtrain.validate import check_proxy, validate
 from qtrain.quant import (ActLayer, clamp_learned_alphas, make_weight_quantizer, quantized_weight_names, resolve_alpha,
                           scale_alpha_gradients)
 from qtrain.summary import distinct_values, format_summary, model_summary
-from qtrain.lifecycle import Diverged, Interrupted, RunLock, StopSignals, remove_stale_temporaries
+from qtrain.lifecycle import Diverged, Interrupted, LogAlsoInto, RunLock, StopSignals, remove_stale_temporaries
 from qtrain.train import Classification, DivergenceWatch, NonFinite, Regression, fit
 
 log = logging.getLogger("qtrain")
@@ -341,7 +341,7 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
     ranks = distributed.current()
     validate(cfg)
     code = record.code_identity()  # now, not at the end: the checkout may change while a run trains
-    run_dir = Path(resume_dir if resume_dir is not None else run_dir)
+    own_dir, run_dir = Path(run_dir), Path(resume_dir if resume_dir is not None else run_dir)
     device = distributed.device_of(ranks, pick_device(cfg.device))
     ident = ranks.decide(identity, cfg)  # of the config as given (schedule_scale included, not yet applied)
     fp = identity_hash(ident)  # (not fingerprint(cfg): that would hash the dataset's files a second time)
@@ -351,7 +351,7 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
     init_path = str(float_checkpoint(cfg)) if cfg.init == "float" else cfg.init
     given, cfg = cfg, scale_schedule(cfg)
     seed_everything(cfg.seed)
-    with ranks.main_only(RunLock(run_dir)):
+    with ranks.main_only(RunLock(run_dir)), ranks.main_only(LogAlsoInto(run_dir, own_dir)):
         for tmp in remove_stale_temporaries(run_dir) if ranks.is_main else ():
             log.info("removed %s, a temporary file left by a process that died", tmp)
         return _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp, code, choices, ranks)
@@ -434,8 +434,9 @@ def _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp,
         recorder.close()
     if outcome == "interrupted":
         where = recorder.stopped_at or "at the end of an epoch"
-        raise Interrupted(f"stopped by {stop.requested} {where}; checkpoint saved in {run_dir}.", stop.exit_code,
-                          run_dir)
+        message = f"stopped by {stop.requested} {where}; checkpoint saved in {run_dir}."
+        log.warning("%s", message)  # in the run's log too (the CLI prints it once more, with how to continue)
+        raise Interrupted(message, stop.exit_code, run_dir)
     if outcome == "stopped":
         return {"status": "stopped", "run_dir": str(run_dir)}
     if not ranks.is_main:

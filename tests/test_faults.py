@@ -161,6 +161,13 @@ def test_sigint_from_outside_prints_one_line_and_resumes(tmp_path, mnist_root):
     assert r.returncode == 0, r.stderr
     (result,) = tmp_path.glob("out/runs/*/*/result.json")
     assert json.loads(result.read_text())["status"] == "complete"
+    # the run's folder has the whole log: its first invocation's, then the resuming one's to the end
+    (pointer,) = tmp_path.glob("out/runs/*/*/resumed_into.txt")
+    log = (result.parent / "qtrain.log").read_text()
+    assert "stopped by SIGINT" in log and "resuming" in log
+    assert f"this invocation's own folder (its log from the start) is {pointer.parent}" in log
+    assert "done: final test acc" in log
+    assert "done: final test acc" in (pointer.parent / "qtrain.log").read_text()
 
 
 # -- kill -9 at random moments (and between the checkpoint renames) ----------------------------------
