@@ -78,7 +78,7 @@ def make_cfg(args, overrides):
 
 
 def build_variant(args, overrides, device, batch_only=False):
-    from qtrain.run import build  # after hydra is set up
+    from qtrain.build import build  # after hydra is set up
 
     cfg = make_cfg(args, overrides)
     data, model, method, optimizer, scheduler, task, _ = build(cfg, device)
@@ -142,13 +142,13 @@ def bench_steps(args, device):
 
 def bench_data(args, device):
     """One epoch of the real training pipeline, and a torchvision DataLoader baseline."""
-    from qtrain.run import _instantiate
+    from qtrain.build import instantiate_node
 
     cfg = make_cfg(args, [])
     with open_dict(cfg):
         cfg.data.limit_train = cfg.data.limit_test = None
     try:
-        data = _instantiate(cfg.data, seed=0, device=device)
+        data = instantiate_node(cfg.data, seed=0, device=device)
     except Exception as e:  # no data here: say so and carry on
         return {"error": f"data pipeline not timed: {e}"}
     loader = data.train

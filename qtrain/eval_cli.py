@@ -29,7 +29,7 @@ def load_run(path: Path, data_root: str | None = None, device: str = "cpu", limi
     folder or checkpoint file: rebuilt from the config stored in the (verified) checkpoint. The memory
     format is the run's unless ``channels_last`` says otherwise (the CPU's batch norm rounds differently in
     the two, so only the run's own format reproduces its test numbers to the last bit)."""
-    from qtrain.run import build, pick_device
+    from qtrain.build import build, pick_device
 
     path = Path(path)
     if path.is_dir():
@@ -56,7 +56,7 @@ def load_run(path: Path, data_root: str | None = None, device: str = "cpu", limi
 
 def evaluate_checkpoint(path: Path, data_root: str | None = None, device: str = "cpu",
                         limit_test: int | None = None) -> dict:
-    from qtrain.run import pick_device
+    from qtrain.build import pick_device
     from qtrain.train import evaluate
 
     path, state, cfg, data, model, names, method, task = load_run(path, data_root, device, limit_test)

@@ -62,7 +62,7 @@ def override_of(run: dict, key: str) -> str | None:
 
 
 #: overrides that keep a run in its experiment's row: the row's own keys (seeds are averaged; the schedule
-#: scale and the run it started from get their own table and row) and the run-time keys that qtrain.run
+#: scale and the run it started from get their own table and row) and the run-time keys that qtrain.resume
 #: leaves out of a run's fingerprint (its VOLATILE; a test keeps the two in step). Any other override
 #: (optim.lr=0.01) makes the run a variant with a row of its own, never a second seed of the cell.
 SAME_CELL_KEYS = {"experiment", "seed", "schedule_scale", "init", "resume", "progress", "device", "stop_after_epoch",

@@ -1,8 +1,10 @@
-"""Build the objects a run needs from its config, then call train.fit().
+"""One run from start to end: pick what to resume (qtrain.resume), build the objects (qtrain.build),
+train them (train.fit) under the run's lock and signals (qtrain.lifecycle), and write result.json.
 
-Also owns the two ways a run starts from an earlier one:
-  init   = path of a checkpoint (weights only), or "float": train (once, cached under
-           outputs/float/) the float model of the same architecture and recipe, then start from it;
+Also owns ``init=float``: the float model of the same architecture and recipe, trained once per
+seed and recipe, cached under ``<out_dir>/float/`` and shared by every cell that starts from it.
+The two ways a run starts from an earlier one:
+  init   = path of a checkpoint (weights only), or "float" (above);
   resume = true (the latest run with the same config) or a run directory: continue that run in its
            own directory, to the same result an uninterrupted run would reach (a finished run is
            left as it is and its result returned, so re-running a sweep with resume=true is safe).
@@ -13,196 +15,31 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
-import hashlib
-import json
 import logging
-import os
 import platform
-import pydoc
-import random
 import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qtrain import checkpoint, distributed, record
-from qtrain.dataset_id import dataset_identity
+from qtrain.build import build, check_init_file, load_init, pick_device, seed_everything
 from qtrain.errors import ConfigError, QtrainError
-from qtrain.schedule import scale_schedule
-from qtrain.validate import check_proxy, validate
-from qtrain.quant import (ActLayer, clamp_learned_alphas, make_weight_quantizer, quantized_weight_names, resolve_alpha,
-                          scale_alpha_gradients)
-from qtrain.summary import distinct_values, format_summary, model_summary
 from qtrain.lifecycle import Diverged, Interrupted, LogAlsoInto, RunLock, StopSignals, remove_stale_temporaries
-from qtrain.train import Classification, DivergenceWatch, NonFinite, Regression, fit
+from qtrain.resume import FINGERPRINT_FILE, choose_resume, fingerprint, identity, identity_hash, resume_state
+from qtrain.schedule import scale_schedule
+from qtrain.summary import distinct_values, format_summary, model_summary
+from qtrain.train import DivergenceWatch, NonFinite, fit
+from qtrain.validate import validate
 
 log = logging.getLogger("qtrain")
 
-FINGERPRINT_FILE = "fingerprint.txt"  # in each run directory: what resume=true matches on
-#: keys that do not change what a run computes (left out of its fingerprint)
-VOLATILE = ("resume", "progress", "device", "stop_after_epoch", "out_dir", "paper", "objective",
-            "log_every_n_steps", "collective_timeout_s")
-#: (dotted) keys whose default leaves a run's computation as it was before the key existed: at
-#: that value they are left out of the fingerprint, so adding such a key never orphans earlier runs.
-#: Every key added to the config from now on belongs here with its neutral value.
-NEUTRAL = {"schedule_scale": 1, "sched.interval": "epoch", "devices": 1, "sync_bn": False}
-
 
 # ---------------------------------------------------------------------------------------------
-# Validation and small builders
+# init=float: the cached float model a quantized run starts from
 # ---------------------------------------------------------------------------------------------
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} was asked for, but PyTorch sees no CUDA device here. Use device=cpu or auto.")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def build_act_layer(cfg: DictConfig) -> ActLayer:
-    a = cfg.act
-    ste = cfg.ste.name
-    proxy = None
-    if ste == "proxy":
-        proxy = pydoc.locate(str(cfg.ste.fn))  # None when missing (hydra's get_method would log a traceback)
-        if not callable(proxy):
-            raise ConfigError(f"ste.fn={cfg.ste.fn}: no such function (give an import path such as "
-                              "torch.nn.functional.softplus).")
-        check_proxy(proxy, cfg.ste.fn)
-    alpha = resolve_alpha(cfg.abits, a.alpha, a.rounding) if cfg.abits is not None else 1.0
-    return ActLayer(bits=cfg.abits, alpha=alpha, ste=ste, rounding=a.rounding, learn_alpha=a.learn_alpha,
-                    alpha_grad=a.alpha_grad, alpha_grad_scale=a.alpha_grad_scale, alpha_grad_clip=a.alpha_grad_clip,
-                    alpha_clamp=tuple(a.alpha_clamp), share_block_alpha=a.share_block_alpha, proxy=proxy)
-
-
-def _instantiate(node, **kwargs):
-    """hydra's instantiate, but our own errors (missing data, bad values) come out unwrapped."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as e:
-        if isinstance(e.__cause__, QtrainError):
-            raise e.__cause__ from None
-        raise
-
-
-def fitted_model(make_model, act_layer, input_shape, cfg):
-    """Build the model and push one dummy batch through it, so that a model/data mismatch
-    (e.g. VGG's five poolings on 28x28 MNIST) is one clear error, not a traceback mid-run."""
-    model_name, data_name = (cfg[g]._target_.split(".")[-1] for g in ("model", "data"))
-    try:
-        model = make_model(act_layer=act_layer)
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(2, *input_shape))
-        return model.train()
-    except (RuntimeError, ValueError, TypeError) as e:
-        raise ConfigError(f"model {model_name} does not fit data {data_name} (input shape {tuple(input_shape)}): {e}. "
-                          "Pick a model for that input, e.g. lenet5 or resnet20 for MNIST, twolayer for teacher.") from None
-
-
-def build_scheduler(cfg: DictConfig, optimizer, steps_per_epoch: int):
-    """The LR scheduler; ``interval`` (epoch | step) is read by the loop, not passed on, and a per-step
-    schedule's ``total_steps: null`` becomes epochs x batches per epoch."""
-    node = OmegaConf.to_container(cfg.sched, resolve=True)
-    node.pop("interval", None)
-    if "total_steps" in node and node["total_steps"] is None:
-        node["total_steps"] = cfg.epochs * steps_per_epoch
-    try:
-        return instantiate(node)(optimizer)
-    except (TypeError, ValueError, InstantiationException) as e:
-        raise ConfigError(f"sched: {node.get('_target_')} cannot be built from the sched settings: "
-                          f"{e.__cause__ or e}.") from None
-
-
-def build(cfg: DictConfig, device: torch.device):
-    """data, model, method, optimizer, scheduler and task for ``cfg`` (nothing trained yet)."""
-    data = _instantiate(cfg.data, seed=cfg.seed, device=device)
-    distributed.current().shard(data)  # a data-parallel run: this rank's share of each batch
-    # _partial_: Hydra would turn the ActLayer dataclass into a config if passed to instantiate.
-    make_model = _instantiate(cfg.model, _partial_=True, num_classes=data.num_classes, input_shape=data.input_shape)
-    model = fitted_model(make_model, build_act_layer(cfg), data.input_shape, cfg).to(device)
-    if cfg.channels_last:  # faster on CUDA and on this CPU too (docs/BENCHMARKS.md); float rounding only
-        model = model.to(memory_format=torch.channels_last)
-    quantizer = make_weight_quantizer(cfg.wbits, cfg.wquant)
-    names = quantized_weight_names(model, cfg.quant_layers) if quantizer else []
-    method = _instantiate(cfg.method)
-    method.attach(model, quantizer, names)
-    try:
-        optimizer = instantiate(cfg.optim)(model.parameters())
-    except (TypeError, ValueError, InstantiationException) as e:
-        cause = e.__cause__ or e
-        raise ConfigError(f"optim: {cfg.optim._target_} cannot be built from the optim settings: {cause}. Pick an "
-                          "optimizer config (optim=sgd | adam) or remove keys it does not take, e.g. "
-                          "~optim.momentum.") from None
-    optimizer.register_step_pre_hook(lambda *_: scale_alpha_gradients(model))
-    optimizer.register_step_post_hook(lambda *_: clamp_learned_alphas(model))
-    scheduler = build_scheduler(cfg, optimizer, len(data.train))
-    task = Regression() if data.task == "regression" else Classification()
-    return data, model, method, optimizer, scheduler, task, names
-
-
-# ---------------------------------------------------------------------------------------------
-# Fingerprints, init=float and resume
-# ---------------------------------------------------------------------------------------------
-
-
-def fingerprint(cfg: DictConfig) -> str:
-    """Hash of everything that changes what a run computes (of :func:`identity`)."""
-    return identity_hash(identity(cfg))
-
-
-def identity_hash(ident: dict) -> str:
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def identity(cfg: DictConfig) -> dict:
-    """The config as far as it changes what a run computes, with the dataset's content identity."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    drop = list(VOLATILE)
-    if c.get("abits") is None:  # float activations: the STE and alpha settings cannot matter
-        drop += ["ste", "act"]
-    if c.get("wbits") is None:
-        drop += ["quant_layers", "wquant"]
-    if c.get("devices", 1) == 1:  # one process: nothing to synchronise
-        drop += ["sync_bn"]
-    for k in drop:
-        c.pop(k, None)
-    for path, neutral in NEUTRAL.items():  # keys added later do not change older runs' fingerprints
-        *parents, leaf = path.split(".")
-        node = c
-        for p in parents:
-            node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict) and leaf in node and node[leaf] == neutral:
-            node.pop(leaf)
-    # The dataset by what it is (its files' content), not by where it lives.
-    c.get("data", {}).pop("root", None)
-    c["data_identity"] = dataset_identity(cfg.data)
-    return c
-
-
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """'key: old -> new' for every (dotted) key whose value differs between two identities."""
-    out = []
-    for k in sorted(set(old) | set(new), key=str):
-        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
 
 
 def float_config(cfg: DictConfig) -> DictConfig:
@@ -273,54 +110,6 @@ def _float_plan(run_dir: Path, ckpt: Path) -> tuple[bool, Path | None]:
     return True, run_dir if checkpoint.has_checkpoint(ckpt) else None
 
 
-def find_latest_run(cfg: DictConfig) -> Path | None:
-    """The most recent run under out_dir (finished or not) whose fingerprint.txt matches this
-    config's fingerprint; the cached float models under out_dir/float are not candidates."""
-    want = fingerprint(cfg)
-    root = Path(cfg.out_dir).resolve()
-    best, best_time = None, -1.0
-    for mark in root.glob(f"**/{FINGERPRINT_FILE}"):
-        run_dir, ckpt = mark.parent, mark.parent / "checkpoints" / "last.pt"
-        if run_dir.relative_to(root).parts[0] == "float" or not checkpoint.has_checkpoint(ckpt):
-            continue
-        when = max(p.stat().st_mtime for p in (ckpt, checkpoint.previous_path(ckpt)) if p.exists())
-        if mark.read_text().strip() == want and when > best_time:
-            best, best_time = run_dir, when
-    return best
-
-
-INIT_HINT = "Give the path of a qtrain checkpoint (…/checkpoints/last.pt) or init=float."
-
-
-def check_init_file(path: str) -> None:
-    """Before any data is read: the init checkpoint at least exists."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"init={path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}. "
-                          f"{INIT_HINT}")
-
-
-def load_init(model, path: str) -> None:
-    """Weights (and batch-norm statistics) from a checkpoint; activation alphas keep their values."""
-    hint = INIT_HINT
-    check_init_file(path)
-    state, why = checkpoint.problem(path)
-    if state is None:
-        raise ConfigError(f"init={path}: the file is {why}. {hint}")
-    state = state.get("model", state)
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"init={path} holds no model weights (no 'model' state dict). {hint}")
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shapes differ
-        sizes = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
-        raise ConfigError(f"init={path} does not fit this model: {sizes}. Start from a checkpoint of the same "
-                          "architecture and input (model=, model.variant, model.norm_affine, data=).") from None
-    missing = [k for k in missing if not k.endswith(".alpha")]
-    if missing or unexpected:
-        raise ConfigError(f"init={path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}. "
-                          "Start from a checkpoint of the same architecture (model=, model.norm_affine, data=).")
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
@@ -357,19 +146,7 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
         return _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp, code, choices, ranks)
 
 
-def _resume_state(run_dir: Path, ident: dict) -> dict:
-    state, path = checkpoint.load_latest(run_dir / "checkpoints" / "last.pt")
-    if state.get("identity") is not None and state["identity"] != ident:
-        changes = config_differences(state["identity"], ident)
-        raise ConfigError(f"resume={run_dir}: that run was trained with another config; resuming it with this one "
-                          f"would mix two experiments. Differences: {'; '.join(changes[:8])}. Resume with the "
-                          "run's own settings, or start a new run (without resume).")
-    threads = state.get("threads")
-    if threads is not None and threads != torch.get_num_threads():
-        log.warning("this run was trained with %d threads and continues with %d: on a CPU the float sums then "
-                    "round differently, so the result is not bitwise that of an uninterrupted run "
-                    "(set OMP_NUM_THREADS=%d to keep it exact)", threads, torch.get_num_threads(), threads)
-    return state
+
 
 
 def _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp, code, choices, ranks) -> dict:
@@ -381,7 +158,7 @@ def _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp,
 
     start_epoch, best, elapsed_before, partial = 0, None, 0.0, None
     if resume_dir is not None and checkpoint.has_checkpoint(run_dir / "checkpoints" / "last.pt"):
-        state = _resume_state(run_dir, ident)
+        state = resume_state(run_dir, ident)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -525,7 +302,7 @@ def main_run(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
     ranks = distributed.current()
     devices = _devices(cfg, ranks)
     validate(cfg, warn=False)  # before the fingerprint is taken (train_run validates again, with warnings)
-    resume_dir, done = ranks.decide(_choose_resume, cfg, run_dir)
+    resume_dir, done = ranks.decide(choose_resume, cfg, run_dir)
     if done is not None:
         return done
     if devices > 1 and ranks.world == 1:
@@ -564,34 +341,3 @@ def _devices(cfg: DictConfig, ranks) -> int:
     with open_dict(cfg):
         cfg.devices = devices
     return devices
-
-
-def _choose_resume(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, dict | None]:
-    """(the run folder to continue or None, the result of an already complete one or None)."""
-    resume_dir = None
-    if cfg.resume is True:
-        resume_dir = find_latest_run(cfg)
-        if resume_dir is None:
-            log.info("resume=true: no earlier run with this config under %s; starting a new one", cfg.out_dir)
-    elif cfg.resume not in (False, None):
-        resume_dir = Path(str(cfg.resume)).resolve()
-        if not checkpoint.has_checkpoint(resume_dir / "checkpoints" / "last.pt"):
-            raise ConfigError(f"resume={cfg.resume}: no checkpoints/last.pt there. Give a run directory of an "
-                              "earlier run, or resume=true to pick the latest run of this config.")
-        mark = resume_dir / FINGERPRINT_FILE
-        if mark.exists() and mark.read_text().strip() != fingerprint(cfg):
-            _resume_state(resume_dir, identity(cfg))  # names the differing keys
-            raise ConfigError(f"resume={resume_dir}: that run was trained with another config (its fingerprint "
-                              "differs). Resume with the run's own settings, or start a new run.")
-    if resume_dir is None:
-        return None, None
-    # This invocation's own folder (Hydra made it) points at the run it continued, or found complete, so
-    # that the folder explains itself and a multirun's summary reads the job's result from there.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "resumed_into.txt").write_text(str(resume_dir) + "\n")
-    if (resume_dir / "result.json").exists():
-        done = json.loads((resume_dir / "result.json").read_text())
-        if done.get("status") == "complete":
-            log.info("resume: %s is already complete; nothing to do", resume_dir)
-            return resume_dir, done
-    return resume_dir, None

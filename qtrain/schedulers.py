@@ -2,7 +2,7 @@
 
 Schedulers step once per epoch by default (``sched.interval: epoch``, the papers' MultiStepLR);
 ``sched.interval: step`` steps them after every optimizer step (warm-up, OneCycle, cosine with
-warm-up). For per-step schedules whose length is ``total_steps: null`` in the config, run.py fills
+warm-up). For per-step schedules whose length is ``total_steps: null`` in the config, build.py fills
 in epochs x batches per epoch.
 """
 

@@ -1,4 +1,4 @@
-"""The one training loop. It never reads the config: run.py builds the objects and calls fit().
+"""The one training loop. It never reads the config: build.py builds the objects and run.py calls fit().
 
 Every method (float / ste / binaryrelax / bcgd) plugs in through the same five calls; see
 methods.py for what each does at those points. In a data-parallel run (distributed.py) the model

@@ -27,7 +27,9 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
 def quantized_start(overrides: list[str]) -> dict:
-    from qtrain.run import build, float_config, float_run_dir, fingerprint, load_init, pick_device
+    from qtrain.build import build, load_init, pick_device
+    from qtrain.resume import fingerprint
+    from qtrain.run import float_config, float_run_dir
     from qtrain.train import evaluate
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

@@ -1,6 +1,6 @@
 """Lock-step check of a data-parallel step against a single-process step (test_distributed.py).
 
-Two Gloo ranks train qtrain's own model, method and optimizer (built by run.build, sharded,
+Two Gloo ranks train qtrain's own model, method and optimizer (built by build.build, sharded,
 wrapped by distributed.Ranks.wrap, stepped by train.train_one_epoch). Before every step, rank 0
 copies the run's whole state (weights, batch-norm buffers, optimizer, method) into a second,
 single-process copy, which takes the same global batch in one piece. After the step the two
@@ -73,7 +73,7 @@ def _digest(model, method) -> str:
 def worker(rank: int, world: int, port: int, cases: dict, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    from qtrain import distributed, run
+    from qtrain import build, distributed
     from qtrain.train import Classification, train_one_epoch
 
     ranks = distributed.join(120)
@@ -82,13 +82,13 @@ def worker(rank: int, world: int, port: int, cases: dict, out: str) -> None:
     try:
         for name, overrides in cases.items():
             cfg = _config(overrides)
-            run.seed_everything(cfg.seed)
-            data, model, method, opt, sched, task, _ = run.build(cfg, cpu)  # this rank's shard
+            build.seed_everything(cfg.seed)
+            data, model, method, opt, sched, task, _ = build.build(cfg, cpu)  # this rank's shard
             ddp = ranks.wrap(model, cpu, sync_bn=True)
             if ranks.is_main:  # the single-process copy, with the whole batch
                 distributed._current = distributed.SINGLE
-                run.seed_everything(cfg.seed)
-                r_data, r_model, r_method, r_opt, r_sched, _, _ = run.build(cfg, cpu)
+                build.seed_everything(cfg.seed)
+                r_data, r_model, r_method, r_opt, r_sched, _, _ = build.build(cfg, cpu)
                 distributed._current = ranks
             worst, per_step, ranks_agree = (0.0, ""), [], True
             for epoch in range(cfg.epochs):

@@ -7,7 +7,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from qtrain.run import build, build_act_layer, float_config, fingerprint
+from qtrain.build import build, build_act_layer
+from qtrain.resume import fingerprint
+from qtrain.run import float_config
 
 from .conftest import CONFIG_DIR
 

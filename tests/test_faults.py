@@ -388,7 +388,7 @@ def test_completed_run_of_another_model_is_not_returned(make_cfg, mnist_root, tm
 def test_dataset_identity_is_content_not_location(make_cfg, mnist_root, tmp_path, monkeypatch):
     import shutil
 
-    from qtrain.run import fingerprint
+    from qtrain.resume import fingerprint
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     copy = tmp_path / "copy"
