@@ -2,8 +2,10 @@
 
 Run directory:
     .hydra/                    composed config, overrides (written by Hydra); qtrain.log: the log
-    tb/                        TensorBoard events (train/loss, train/acc, test/loss, test/acc, lr, ...;
-                               train/loss_step every log_every_n_steps; the HPARAMS tab; the config)
+    tb/                        TensorBoard events, x axis epochs (train/loss, train/acc, test/loss, test/acc,
+                               lr, ...; the HPARAMS tab; the config)
+    tb/steps/                  TensorBoard events, x axis optimizer steps (train/loss_step, train/lr_step
+                               every log_every_n_steps): a TensorBoard run of its own, see Recorder
     metrics.jsonl              one JSON object per epoch
     checkpoints/last.pt        everything needed to resume (written atomically every epoch, with a
                                checksum; see checkpoint.py); last.prev.pt: the one before it
@@ -83,9 +85,17 @@ class Recorder:
 
     ``checkpoint_state()`` is called to build the checkpoint dict; ``best`` is tracked on
     ``test/acc`` (or ``test/loss`` when there is no accuracy) and kept in the checkpoint.
+    ``start_epoch`` and ``start_step`` say where a resumed run's checkpoint was taken (completed
+    epochs; optimizer steps, a stop inside an epoch included).
+
+    A resumed run's TensorBoard writers drop the events a crashed process wrote past its last
+    checkpoint (``purge_step``). TensorBoard then drops *every* tag's events from that step on, so the
+    epoch axis and the optimizer-step axis live in two TensorBoard runs, tb/ and tb/steps/: in one,
+    a resume after epoch 3 would also drop every per-step event from step 4 on, i.e. all of them.
     """
 
-    def __init__(self, run_dir: Path, checkpoint_state, start_epoch: int = 0, best: dict | None = None):
+    def __init__(self, run_dir: Path, checkpoint_state, start_epoch: int = 0, best: dict | None = None,
+                 start_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = Path(run_dir)
@@ -96,6 +106,8 @@ class Recorder:
         self.rows = self._load_rows(start_epoch)
         # purge_step drops events a crashed run wrote past its last checkpoint.
         self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_epoch + 1 if start_epoch else None)
+        self._steps_purge = start_step + 1 if start_step else None
+        self._steps_tb = None  # tb/steps/, made at the first per-step scalar (none when log_every_n_steps=0)
 
     def _load_rows(self, start_epoch: int) -> list[dict]:
         """Keep the rows of epochs already in the checkpoint; drop any written after it, and a torn
@@ -153,6 +165,8 @@ class Recorder:
             if isinstance(v, (int, float)):
                 self.tb.add_scalar(k, v, epoch)
         self.tb.flush()
+        if self._steps_tb is not None:
+            self._steps_tb.flush()
         best = dict(self.best)
         improved = self._is_better(scalars)
         if improved:
@@ -168,9 +182,13 @@ class Recorder:
         log.info(self.epoch_line(row))
 
     def log_step(self, step: int, scalars: dict) -> None:
-        """Scalars at a training step (x axis: optimizer steps), TensorBoard only."""
+        """Scalars at a training step (x axis: optimizer steps), TensorBoard only, in tb/steps/."""
+        if self._steps_tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._steps_tb = SummaryWriter(str(self.run_dir / "tb" / "steps"), purge_step=self._steps_purge)
         for k, v in scalars.items():
-            self.tb.add_scalar(k, v, step)
+            self._steps_tb.add_scalar(k, v, step)
 
     def log_config(self, config: dict, overrides: list[str]) -> None:
         import yaml
@@ -206,6 +224,8 @@ class Recorder:
 
     def close(self) -> None:
         self.tb.close()
+        if self._steps_tb is not None:
+            self._steps_tb.close()
 
 
 class NullRecorder:

@@ -183,7 +183,8 @@ def _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp,
 
     if ranks.is_main:  # rank 0 alone writes (distributed.py)
         (run_dir / FINGERPRINT_FILE).write_text(fp + "\n")
-        recorder = record.Recorder(run_dir, checkpoint_state, start_epoch, best)
+        done_steps = start_epoch * len(data.train) + (partial["batches"] if partial else 0)
+        recorder = record.Recorder(run_dir, checkpoint_state, start_epoch, best, start_step=done_steps)
         recorder.log_config(resolved, overrides_of(run_dir))
     else:
         recorder = record.NullRecorder()

@@ -96,7 +96,7 @@ def test_devices_2_one_folder_rank0_writes_once_and_evaluation_is_exact(tmp_path
     for text in (r.stdout, (run / "qtrain.log").read_text()):  # each epoch logged once
         assert text.count("epoch 1 |") == 1 and text.count("epoch 2 |") == 1 and text.count("model summary") == 1
     assert "Traceback" not in r.stderr and "[rank 1]" not in r.stderr
-    writers = {f.name.split(".")[4] for f in (run / "tb").glob("events.out.tfevents.*")}  # ...<time>.<host>.<pid>.<n>
+    writers = {f.name.split(".")[4] for f in (run / "tb").rglob("events.out.tfevents.*")}  # ...<time>.<host>.<pid>.<n>
     assert len(writers) == 1  # one process wrote TensorBoard
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     result = json.loads((run / "result.json").read_text())

@@ -1,5 +1,7 @@
 """What TensorBoard shows, and per-step LR schedules (which also resume exactly)."""
 
+import time
+
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -9,8 +11,9 @@ from qtrain.run import main_run, train_run
 SMALL = ["epochs=2", "data.limit_train=256", "data.limit_test=64", "data.batch_size=32"]
 
 
-def scalars(run_dir):
-    ea = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+def scalars(run_dir, axis=""):
+    """What TensorBoard shows (its purge of events past a resume included) of tb/ or tb/steps/."""
+    ea = EventAccumulator(str(run_dir / "tb" / axis), size_guidance={"scalars": 0})
     ea.Reload()
     return ea
 
@@ -21,11 +24,13 @@ def test_tensorboard_tags(make_cfg, mnist_root, tmp_path):
     train_run(cfg, tmp_path / "run")
     ea = scalars(tmp_path / "run")
     tags = set(ea.Tags()["scalars"])
-    for tag in ("train/loss", "train/acc", "test/loss", "test/acc", "lr", "train/loss_step", "train/lr_step",
-                "alpha/mean", "alpha/features.2", "weights/changed_fraction", "weights_changed/features.0",
-                "hparams/final_test_acc", "hparams/best_test_acc"):
+    for tag in ("train/loss", "train/acc", "test/loss", "test/acc", "lr", "alpha/mean", "alpha/features.2",
+                "weights/changed_fraction", "weights_changed/features.0", "hparams/final_test_acc",
+                "hparams/best_test_acc"):
         assert tag in tags, tag
-    assert [e.step for e in ea.Scalars("train/loss_step")] == [2, 4, 6, 8, 10, 12, 14, 16]  # 8 steps an epoch
+    steps = scalars(tmp_path / "run", "steps")  # the optimizer-step axis: a run of its own
+    assert set(steps.Tags()["scalars"]) == {"train/loss_step", "train/lr_step"}
+    assert [e.step for e in steps.Scalars("train/loss_step")] == [2, 4, 6, 8, 10, 12, 14, 16]  # 8 steps an epoch
     assert "config/text_summary" in ea.Tags()["tensors"]
 
 
@@ -34,20 +39,27 @@ def test_per_step_schedule_moves_within_an_epoch_and_resumes_exactly(make_cfg, m
     extra = ["sched.warmup_steps=3"] if sched == "cosine_warmup" else []
     cfg = make_cfg(*SMALL, f"data.root={mnist_root}", f"sched={sched}", "log_every_n_steps=1", *extra)
     train_run(cfg, tmp_path / "outputs" / "full")
-    lrs = [e.value for e in scalars(tmp_path / "outputs" / "full").Scalars("train/lr_step")]
+    full = scalars(tmp_path / "outputs" / "full", "steps").Scalars("train/lr_step")
+    lrs = [e.value for e in full]
     assert len(lrs) == 16 and len(set(lrs[:8])) > 4  # changes step by step inside epoch 1
     cfg.stop_after_epoch = 1
     train_run(cfg, tmp_path / "outputs" / "part")
+    # TensorBoard reads a run's event files in name order: a second-resolution time, then a per-process
+    # counter (9 sorts after 10). A real resume is a later process; here, make it at least a later second.
+    time.sleep(1.1)
     cfg.stop_after_epoch, cfg.resume = None, True
     main_run(cfg, tmp_path / "outputs" / "new", {})
     a = torch.load(tmp_path / "outputs" / "full" / "checkpoints" / "last.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "outputs" / "part" / "checkpoints" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # TensorBoard shows the resumed run's whole curves: the resume's purge keeps what came before it
+    part = tmp_path / "outputs" / "part"
+    assert [(e.step, e.value) for e in scalars(part, "steps").Scalars("train/lr_step")] == \
+        [(e.step, e.value) for e in full]
+    assert [e.step for e in scalars(part).Scalars("train/loss")] == [1, 2]
 
 
 def test_progress_bar_shows_loss_acc_img_s_in_that_order(monkeypatch):
-    import time
-
     from qtrain import train
     from qtrain.methods import Float
 
