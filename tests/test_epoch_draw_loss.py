@@ -1,0 +1,48 @@
+"""scripts/epoch_draw_loss.py: a fixed model's training loss on each epoch's data draw."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from qtrain.errors import QtrainError
+from qtrain.run import train_run
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "epoch_draw_loss.py"
+
+
+@pytest.fixture
+def script():
+    spec = importlib.util.spec_from_file_location("epoch_draw_loss", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_run_that_does_not_move_its_weights_logs_exactly_its_start_models_draw_losses(script, make_cfg,
+                                                                                        fake_cifar_root, tmp_path):
+    data = [f"data.root={fake_cifar_root}", "data.batch_size=16"]
+    start = train_run(make_cfg("experiment=ste/cifar10_resnet20_a4_clipped_relu", "init=null", "epochs=1", *data),
+                      tmp_path / "start")
+    ckpt = Path(start["run_dir"]) / "checkpoints" / "last.pt"
+    # the §4.2 control at lr 1e-30 (0 is refused): an update far below float32 rounding, so the weights never
+    # change and each epoch's logged loss is the draw's alone
+    run = ["experiment=ste/cifar10_resnet20_a4_instability_control", f"init={ckpt}", "epochs=3", "optim.lr=1e-30",
+           *data]
+    train_run(make_cfg(*run), tmp_path / "control")
+    logged = [json.loads(x) for x in (tmp_path / "control" / "metrics.jsonl").read_text().splitlines()]
+    draws = list(script.draw_losses(run, [1, 2, 3]))
+    assert [d["epoch"] for d in draws] == [1, 2, 3] and all(d["images"] == 64 for d in draws)
+    for row, draw in zip(logged, draws):
+        assert draw["train_loss"] == pytest.approx(row["train/loss"], rel=1e-5)
+        assert draw["train_acc"] == pytest.approx(row["train/acc"])
+    assert len({round(d["train_loss"], 6) for d in draws}) == 3  # the draws differ (order, crops, flips)
+
+
+def test_epochs_argument_and_a_missing_init_are_clear_errors(script):
+    assert script.epoch_numbers("1-3,8") == [1, 2, 3, 8]
+    with pytest.raises(QtrainError, match="1-based"):
+        script.epoch_numbers("0-2")
+    with pytest.raises(QtrainError, match="give init="):
+        next(script.draw_losses(["experiment=ste/cifar10_resnet20_a4_clipped_relu"], [1]))
