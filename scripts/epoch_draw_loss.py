@@ -2,8 +2,10 @@
 loss on the augmented training data of each epoch, as a run computes it (train-mode batch norm, the
 epoch's order, crops and flips), with no weight update.
 
-    python scripts/epoch_draw_loss.py experiment=ste/cifar10_resnet20_a4_instability_control \
+    python scripts/epoch_draw_loss.py measure experiment=ste/cifar10_resnet20_a4_instability_control \
         init=<run>/checkpoints/last.pt --epochs 1-20 [--json draws.jsonl]
+    python scripts/epoch_draw_loss.py table draws.jsonl <run dir> [<run dir> ...]   # markdown: each run's
+        per-epoch training loss beside the draw's, and the difference
 
 Why: qtrain draws epoch e's order and augmentation from (seed, e) alone, so every run with that seed
 sees the same images at the same epoch index, and a model trained on those draws fits some of them
@@ -74,13 +76,42 @@ def draw_losses(overrides: list[str], epochs: list[int]):
                "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
+def table(draws: Path, runs: list[Path]) -> str:
+    """Markdown: per epoch, the fixed model's loss on the draw, then each run's logged loss and its
+    difference from the draw's (what the run's training changed, net of the draw)."""
+
+    def rows(path):
+        try:
+            return {r["epoch"]: r for r in map(json.loads, path.read_text().splitlines())}
+        except (OSError, ValueError, KeyError) as e:
+            raise QtrainError(f"{path}: cannot read its per-epoch rows ({e}).") from None
+
+    base = {e: r["train_loss"] for e, r in rows(draws).items()}
+    logged = [rows(run / "metrics.jsonl") for run in runs]
+    lines = ["| epoch | fixed model on the epoch's draw | " + " | ".join(f"{run.name}: loss (Δ)" for run in runs) + " |",
+             "|---" * (2 + len(runs)) + "|"]
+    for epoch in sorted(base):
+        cells = [f"{m[epoch]['train/loss']:.4f} ({m[epoch]['train/loss'] - base[epoch]:+.4f})" if epoch in m else "—"
+                 for m in logged]
+        lines.append(f"| {epoch} | {base[epoch]:.4f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="+", help="the run's overrides, as given to qtrain (init= included)")
-    p.add_argument("--epochs", default="1-20", help="1-based epochs whose draws to measure (default 1-20)")
-    p.add_argument("--json", type=Path, help="also append each epoch's result, one JSON object per line")
+    cmd = p.add_subparsers(dest="command", required=True)
+    m = cmd.add_parser("measure", help="a fixed model's training loss on each epoch's draw")
+    m.add_argument("overrides", nargs="+", help="the run's overrides, as given to qtrain (init= included)")
+    m.add_argument("--epochs", default="1-20", help="1-based epochs whose draws to measure (default 1-20)")
+    m.add_argument("--json", type=Path, help="also append each epoch's result, one JSON object per line")
+    t = cmd.add_parser("table", help="runs' per-epoch training loss beside the draws' (markdown)")
+    t.add_argument("draws", type=Path, help="what measure --json wrote")
+    t.add_argument("runs", type=Path, nargs="+", help="run folders (their metrics.jsonl)")
     args = p.parse_args(argv)
     try:
+        if args.command == "table":
+            print(table(args.draws, args.runs))
+            return
         for out in draw_losses(args.overrides, epoch_numbers(args.epochs)):
             line = json.dumps(out)
             print(line, flush=True)

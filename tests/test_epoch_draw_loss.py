@@ -21,7 +21,8 @@ def script():
 
 
 def test_a_run_that_does_not_move_its_weights_logs_exactly_its_start_models_draw_losses(script, make_cfg,
-                                                                                        fake_cifar_root, tmp_path):
+                                                                                        fake_cifar_root, tmp_path,
+                                                                                        capsys):
     data = [f"data.root={fake_cifar_root}", "data.batch_size=16"]
     start = train_run(make_cfg("experiment=ste/cifar10_resnet20_a4_clipped_relu", "init=null", "epochs=1", *data),
                       tmp_path / "start")
@@ -38,6 +39,12 @@ def test_a_run_that_does_not_move_its_weights_logs_exactly_its_start_models_draw
         assert draw["train_loss"] == pytest.approx(row["train/loss"], rel=1e-5)
         assert draw["train_acc"] == pytest.approx(row["train/acc"])
     assert len({round(d["train_loss"], 6) for d in draws}) == 3  # the draws differ (order, crops, flips)
+    # the table: the run's loss beside the draw's, difference about zero
+    (tmp_path / "draws.jsonl").write_text("".join(json.dumps(d) + "\n" for d in draws))
+    script.main(["table", str(tmp_path / "draws.jsonl"), str(tmp_path / "control")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| epoch | fixed model on the epoch's draw | control: loss (Δ)") and len(lines) == 5
+    assert all(line.endswith("(+0.0000) |") or line.endswith("(-0.0000) |") for line in lines[2:])
 
 
 def test_epochs_argument_and_a_missing_init_are_clear_errors(script):
