@@ -7,9 +7,10 @@ locked while a process trains in it, stale temporary files removed), and how it 
   same second, by two users or two SLURM jobs), picks ``name-2``, ``name-3``, ...
 - :class:`RunLock` holds an exclusive ``flock`` on ``<run_dir>/.lock`` while a process trains in
   it; a second process gets one paragraph naming the holder (pid, host, start time) and exit 2.
-- :class:`LogAlsoInto`: while an invocation continues an earlier run's folder (resume), its log lines
-  are also appended to that folder's log, so a run's folder holds the log of every invocation that
-  trained it (Hydra writes each invocation's log into the invocation's own new folder).
+- :class:`LogAlsoInto`: while a process trains in a folder that is not its own (a resumed run, the
+  cached float model of init=float), its log lines are also appended to that folder's log, so a run's
+  folder holds the log of every process that trained it (Hydra writes each invocation's log into the
+  invocation's own new folder).
 - :class:`StopSignals`: SIGINT, SIGTERM and SIGUSR1 (what SLURM sends before preemption with
   ``--signal``) set a flag that the loop reads after each step; the run then saves a resumable
   checkpoint at that step and ends with exit 130 (SIGINT) or 143 (SIGTERM, SIGUSR1). A second
@@ -110,30 +111,26 @@ class RunLock:
 class LogAlsoInto:
     """Append this process's log lines to ``run_dir``'s log file as well, while it trains there.
 
-    Only when ``run_dir`` is not ``own_dir`` (the folder Hydra made for this invocation, which has the
-    log file) and Hydra's log file handler is found: the copy takes that handler's file name, format
-    and level, and starts with a line naming the invocation's own folder.
+    Only when the process logs to a file (Hydra's job log) that is not in ``run_dir`` already: the
+    copy takes that file's name, format and level, and starts with a line naming the process's own log.
     """
 
-    def __init__(self, run_dir: Path, own_dir: Path):
-        self.run_dir, self.own_dir = Path(run_dir).resolve(), Path(own_dir).resolve()
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir).resolve()
         self.handler = None
 
     def __enter__(self):
-        if self.run_dir == self.own_dir:
+        files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+        if not files or any(Path(h.baseFilename).parent == self.run_dir for h in files):
             return self
-        root = logging.getLogger()
-        own = [h for h in root.handlers
-               if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == self.own_dir]
-        if not own:
-            return self
-        handler = logging.FileHandler(self.run_dir / Path(own[0].baseFilename).name, mode="a", delay=True)
-        handler.setFormatter(own[0].formatter)
-        handler.setLevel(own[0].level)
-        root.addHandler(handler)
+        own = files[0]
+        handler = logging.FileHandler(self.run_dir / Path(own.baseFilename).name, mode="a", delay=True)
+        handler.setFormatter(own.formatter)
+        handler.setLevel(own.level)
+        logging.getLogger().addHandler(handler)
         self.handler = handler
-        logging.getLogger("qtrain").info("continuing this run in process %d; this invocation's own folder (its "
-                                         "log from the start) is %s", os.getpid(), self.own_dir)
+        logging.getLogger("qtrain").info("training in this folder in process %d, whose own log (from its start) "
+                                         "is %s", os.getpid(), own.baseFilename)
         return self
 
     def __exit__(self, *exc):

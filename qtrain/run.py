@@ -130,7 +130,7 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
     ranks = distributed.current()
     validate(cfg)
     code = record.code_identity()  # now, not at the end: the checkout may change while a run trains
-    own_dir, run_dir = Path(run_dir), Path(resume_dir if resume_dir is not None else run_dir)
+    run_dir = Path(resume_dir if resume_dir is not None else run_dir)
     device = distributed.device_of(ranks, pick_device(cfg.device))
     ident = ranks.decide(identity, cfg)  # of the config as given (schedule_scale included, not yet applied)
     fp = identity_hash(ident)  # (not fingerprint(cfg): that would hash the dataset's files a second time)
@@ -140,7 +140,7 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
     init_path = str(float_checkpoint(cfg)) if cfg.init == "float" else cfg.init
     given, cfg = cfg, scale_schedule(cfg)
     seed_everything(cfg.seed)
-    with ranks.main_only(RunLock(run_dir)), ranks.main_only(LogAlsoInto(run_dir, own_dir)):
+    with ranks.main_only(RunLock(run_dir)), ranks.main_only(LogAlsoInto(run_dir)):
         for tmp in remove_stale_temporaries(run_dir) if ranks.is_main else ():
             log.info("removed %s, a temporary file left by a process that died", tmp)
         return _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp, code, choices, ranks)

@@ -38,9 +38,14 @@ def test_cfg_job_composes_cifar(tmp_path):
 
 
 def test_smoke_run_writes_every_file(tmp_path, mnist_root):
-    r = qtrain(*SMALL, "out_dir=out", cwd=tmp_path, env_data=mnist_root)
+    r = qtrain(*SMALL, "init=float", "out_dir=out", cwd=tmp_path, env_data=mnist_root)
     assert r.returncode == 0, r.stderr
     (run,) = [p.parent for p in (tmp_path / "out").glob("runs/*/*/result.json")]
+    # the float model init=float trained first has its log in its own cached folder too
+    (cached,) = [p.parent for p in (tmp_path / "out").glob("float/*/result.json")]
+    float_log = (cached / "qtrain.log").read_text()
+    assert f"whose own log (from its start) is {run / 'qtrain.log'}" in float_log and "done: final test" in float_log
+    assert float_log.count("done: final test") == 1 and (run / "qtrain.log").read_text().count("done: final") == 2
     for f in (".hydra/config.yaml", "metrics.jsonl", "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (run / f).is_file(), f
     assert list((run / "tb").glob("events.out.tfevents.*"))

@@ -165,7 +165,7 @@ def test_sigint_from_outside_prints_one_line_and_resumes(tmp_path, mnist_root):
     (pointer,) = tmp_path.glob("out/runs/*/*/resumed_into.txt")
     log = (result.parent / "qtrain.log").read_text()
     assert "stopped by SIGINT" in log and "resuming" in log
-    assert f"this invocation's own folder (its log from the start) is {pointer.parent}" in log
+    assert f"whose own log (from its start) is {pointer.parent / 'qtrain.log'}" in log
     assert "done: final test acc" in log
     assert "done: final test acc" in (pointer.parent / "qtrain.log").read_text()
 
