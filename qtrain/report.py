@@ -271,7 +271,9 @@ def float_rows(runs: list[dict]) -> list[str]:
         r = run["result"]
         if is_reproduction(run) and not experiment_of(run) and is_float_start(run):
             c = r["config"]
-            rows.append(f"| {c['data']['_target_'].split('.')[-1]} | {c['model']['_target_'].split('.')[-1]} | "
+            # the cells of one model may start from different float models (BinaryRelax/BCGD: affine BN)
+            model = c["model"]["_target_"].split(".")[-1] + (" (affine BN)" if c["model"].get("norm_affine") else "")
+            rows.append(f"| {c['data']['_target_'].split('.')[-1]} | {model} | "
                         f"{c['seed']} | {fmt(r['final_test_acc'])} | {fmt(r['best_test_acc'])} | "
                         f"{r['final_train_loss']:.2e} | {epochs_text(r)} | {r['device']} | {duration(r['wall_time_s'])} |")
     return sorted(rows)

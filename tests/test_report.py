@@ -156,3 +156,16 @@ def test_a_reader_that_stops_early_ends_the_report_quietly(tmp_path):
     p.stdout.close()
     _, err = p.communicate(timeout=120)
     assert p.returncode == 0 and b"Traceback" not in err, err.decode()
+
+
+def test_float_starting_points_say_which_batch_norm_they_have(tmp_path):
+    for name, seed, affine in (("float/a", 0, False), ("float/b", 0, True)):
+        d = fake_run(tmp_path, name, seed, 85.0, exp=None)
+        result = json.loads((d / "result.json").read_text())
+        result["choices"] = {}
+        result["config"] = {"seed": seed, "abits": None, "wbits": None,
+                            "data": {"_target_": "qtrain.data.cifar10"},
+                            "model": {"_target_": "qtrain.models.resnet20", "norm_affine": affine}}
+        (d / "result.json").write_text(json.dumps(result))
+    floats = report.report([tmp_path]).split("Float starting points")[1].split("###")[0]
+    assert "| cifar10 | resnet20 | 0 |" in floats and "| cifar10 | resnet20 (affine BN) | 0 |" in floats
