@@ -37,9 +37,12 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 def epoch_numbers(text: str) -> list[int]:
     """'1-20' or '1,8,9' -> 1-based epoch numbers."""
     out = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi or lo) + 1))
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out += list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        out = []
     if not out or min(out) < 1:
         raise QtrainError(f"--epochs {text}: give 1-based epochs, e.g. 1-20 or 1,8,9.")
     return out

@@ -1,5 +1,6 @@
 """Shared fixtures: compose the real config (as Hydra would) and point it at small data."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -19,6 +20,19 @@ def real_data_root():
         if cand and (Path(cand) / "MNIST" / "raw").is_dir():
             return str(Path(cand).resolve())
     return None
+
+
+@pytest.fixture
+def load_script():
+    """load_script(name) -> scripts/<name>.py as a module (scripts/ is not a package), to test its functions."""
+
+    def _load(name: str):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return _load
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """scripts/epoch_draw_loss.py: a fixed model's training loss on each epoch's data draw."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,15 +8,10 @@ import pytest
 from qtrain.errors import QtrainError
 from qtrain.run import train_run
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "epoch_draw_loss.py"
-
 
 @pytest.fixture
-def script():
-    spec = importlib.util.spec_from_file_location("epoch_draw_loss", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def script(load_script):
+    return load_script("epoch_draw_loss")
 
 
 def test_a_run_that_does_not_move_its_weights_logs_exactly_its_start_models_draw_losses(script, make_cfg,
@@ -49,7 +43,8 @@ def test_a_run_that_does_not_move_its_weights_logs_exactly_its_start_models_draw
 
 def test_epochs_argument_and_a_missing_init_are_clear_errors(script):
     assert script.epoch_numbers("1-3,8") == [1, 2, 3, 8]
-    with pytest.raises(QtrainError, match="1-based"):
-        script.epoch_numbers("0-2")
+    for bad in ("0-2", "one", "3-1"):
+        with pytest.raises(QtrainError, match="1-based"):
+            script.epoch_numbers(bad)
     with pytest.raises(QtrainError, match="give init="):
         next(script.draw_losses(["experiment=ste/cifar10_resnet20_a4_clipped_relu"], [1]))

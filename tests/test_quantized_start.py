@@ -1,23 +1,16 @@
 """scripts/quantized_start.py: a cell's accuracy before quantization-aware training, from its own float model."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from qtrain import run
 from qtrain.errors import QtrainError
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "quantized_start.py"
-
 
 @pytest.fixture
-def quantized_start():
-    spec = importlib.util.spec_from_file_location("quantized_start", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.quantized_start
+def quantized_start(load_script):
+    return load_script("quantized_start").quantized_start
 
 
 def test_finds_the_cells_float_model_and_evaluates_it_as_a_run_does(quantized_start, make_cfg, fake_cifar_root,
