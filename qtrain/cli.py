@@ -120,13 +120,15 @@ def main() -> None:
         except QtrainError as e:
             _say(str(e))
             sys.exit(e.exit_code)
+    finished = False
     try:
         _hydra_main()
+        finished = not _failed_jobs
     finally:
         if _torchrun():
             from qtrain import distributed
 
-            distributed.leave()
+            distributed.leave(finished)
     from qtrain import sweep_summary
 
     if _failed_jobs:  # jobs that ran in this process: with their error messages

@@ -206,9 +206,19 @@ def join(timeout_s: float) -> Ranks:
     return _current
 
 
-def leave() -> None:
+def leave(finished: bool = False) -> None:
+    """Leave the group. ``finished``: this rank's work ended normally, so it first waits at a barrier
+    for the others. Without it a rank that is done early (rank 0 still writes the result) tears down
+    its Gloo connections while a peer's last collective may still be in flight, and Gloo can then
+    abort the process ("terminate called without an active exception", seen once in CI). After a
+    failure there is no barrier: the peers may be gone, and waiting would only delay the exit."""
     global _current
     if dist.is_initialized():
+        if finished:
+            try:
+                dist.barrier()
+            except Exception as e:  # a peer failed after its last collective: leave all the same
+                log.warning("rank %d: the closing barrier failed (%s)", _current.rank, str(e).splitlines()[0])
         dist.destroy_process_group()
     _current = SINGLE
 
@@ -292,6 +302,7 @@ def _worker(cfg_container: dict, run_dir: str, resume_dir: str | None, choices: 
     _setup_worker_logging(rank, log_file)
     if "OMP_NUM_THREADS" not in os.environ:  # the CPU's cores shared out between the ranks
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    finished = False
     try:
         join(timeout_s)
         from qtrain.run import train_job
@@ -299,6 +310,7 @@ def _worker(cfg_container: dict, run_dir: str, resume_dir: str | None, choices: 
         cfg = OmegaConf.create(cfg_container)
         OmegaConf.set_struct(cfg, True)
         result = train_job(cfg, Path(run_dir), None if resume_dir is None else Path(resume_dir), choices)
+        finished = True
         return result if rank == 0 else None
     except QtrainError as e:  # for the launcher: the message and the exit code, no traceback
         if rank == 0 and not isinstance(e, Interrupted):  # (a stop is logged where it happens)
@@ -313,7 +325,7 @@ def _worker(cfg_container: dict, run_dir: str, resume_dir: str | None, choices: 
             log.exception("rank %d failed", rank)  # the traceback, once, in the log (rank 0) or on stderr
         sys.exit(1)
     finally:
-        leave()
+        leave(finished)
 
 
 def launch(cfg, run_dir: Path, resume_dir: Path | None, choices: dict, devices: int) -> dict:

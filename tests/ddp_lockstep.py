@@ -78,7 +78,7 @@ def worker(rank: int, world: int, port: int, cases: dict, out: str) -> None:
 
     ranks = distributed.join(120)
     cpu = torch.device("cpu")
-    report = {}
+    report, finished = {}, False
     try:
         for name, overrides in cases.items():
             cfg = _config(overrides)
@@ -121,11 +121,12 @@ def worker(rank: int, world: int, port: int, cases: dict, out: str) -> None:
                     r_sched.step()
             report[name] = {"steps": len(per_step), "max_abs_difference": worst[0], "where": worst[1],
                             "ranks_identical": ranks_agree, "per_step": per_step}
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(report, f, indent=2)
+        finished = True
     finally:
-        distributed.leave()
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(report, f, indent=2)
+        distributed.leave(finished)  # (rank 1 is done first: it waits for rank 0 before tearing Gloo down)
 
 
 def run_lockstep(cases: dict, out: str, port: int) -> dict:
