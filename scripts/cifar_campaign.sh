@@ -101,12 +101,15 @@ lane() {  # $1: cells, $2: lane name
 status() {  # one line per run: epochs done, last test accuracy, and done / training now / stopped (resumable)
   # every run folder from its start on: qtrain writes fingerprint.txt before the first epoch, metrics.jsonl after it
   for f in $(find "$OUT" -name fingerprint.txt | sort); do
-    local d m state acc what; d=$(dirname "$f"); m="$d/metrics.jsonl"
+    local d m state what; d=$(dirname "$f"); m="$d/metrics.jsonl"
     if [ -f "$d/result.json" ]; then state=done
     elif [ -f "$d/.lock" ] && ! flock -n "$d/.lock" true; then state="training now"  # its qtrain holds the run lock
     else state="stopped (resumes with start)"; fi
-    acc=$(tail -n 1 "$m" 2>/dev/null | sed -n 's/.*"test\/acc": \([0-9.]*\).*/\1/p')
-    printf '%-72s %3s epochs  test acc %-6s %s\n' "${d#$OUT/}" "$(cat "$m" 2>/dev/null | wc -l)" "${acc:--}" "$state"
+    local epochs=0 acc=-
+    if [ -f "$m" ]; then  # (none before the first epoch ends)
+      epochs=$(wc -l < "$m"); acc=$(tail -n 1 "$m" | sed -n 's/.*"test\/acc": \([0-9.]*\).*/\1/p')
+    fi
+    printf '%-72s %3s epochs  test acc %-6s %s\n' "${d#$OUT/}" "$epochs" "$acc" "$state"
     # run folders are named by method, bits and STE, so say which cell it is (the §4.2 runs share a folder with
     # a4 identity): the experiment= and init= overrides it was started with
     local o; o=$(overrides_of "$d") || continue
