@@ -399,7 +399,8 @@ def plot(paths: list[Path], out: Path, match: str | None, exclude: str | None = 
     for run in sorted(runs, key=lambda r: (name_of(r), seed_of(r))):
         seed = seed_of(run)
         n = len(run["rows"])
-        done = "" if run["result"] else f" ({n} epoch{'' if n == 1 else 's'}, running)"
+        # no result.json: still training, or stopped to be resumed (the report cannot tell which)
+        done = "" if run["result"] else f" (unfinished: {n} epoch{'' if n == 1 else 's'})"
         style = dict(color=colors[name_of(run)], ls=["-", "--", ":", "-."][seeds.index(seed) % 4], lw=1,
                      marker=".", ms=3, label=f"{name_of(run)} s{seed}{done}")  # (a marker: one epoch shows)
         start = start_row(run, every)
