@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from qtrain import checkpoint
 from qtrain.dataset_id import dataset_identity
 from qtrain.errors import ConfigError
+from qtrain.float_start import effective_pretrain
 
 log = logging.getLogger("qtrain")
 
@@ -42,6 +43,8 @@ def identity_hash(ident: dict) -> str:
 def identity(cfg: DictConfig) -> dict:
     """The config as far as it changes what a run computes, with the dataset's content identity."""
     c = OmegaConf.to_container(cfg, resolve=True)
+    if "pretrain" in c:  # by what it does to the float start: an entry that pins the run's own value is left out
+        c["pretrain"] = effective_pretrain(cfg)
     drop = list(VOLATILE)
     if c.get("abits") is None:  # float activations: the STE and alpha settings cannot matter
         drop += ["ste", "act"]

@@ -13,7 +13,6 @@ The two ways a run starts from an earlier one:
 from __future__ import annotations
 
 import contextlib
-import copy
 import fcntl
 import logging
 import platform
@@ -27,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from qtrain import checkpoint, distributed, record
 from qtrain.build import build, check_init_file, load_init, pick_device, seed_everything
 from qtrain.errors import ConfigError, QtrainError
+from qtrain.float_start import float_config
 from qtrain.lifecycle import Diverged, Interrupted, LogAlsoInto, RunLock, StopSignals, remove_stale_temporaries
 from qtrain.resume import FINGERPRINT_FILE, choose_resume, fingerprint, identity, identity_hash, resume_state
 from qtrain.schedule import scale_schedule
@@ -40,19 +40,6 @@ log = logging.getLogger("qtrain")
 # ---------------------------------------------------------------------------------------------
 # init=float: the cached float model a quantized run starts from
 # ---------------------------------------------------------------------------------------------
-
-
-def float_config(cfg: DictConfig) -> DictConfig:
-    """The config of the float model a quantized run starts from: same data, model and recipe,
-    float weights and activations, plus the experiment's ``pretrain`` overrides."""
-    f = copy.deepcopy(cfg)
-    with open_dict(f):
-        f.abits, f.wbits, f.init, f.resume, f.stop_after_epoch = None, None, None, False, None
-        f.method = OmegaConf.create({"_target_": "qtrain.methods.Float"})
-        f.act.learn_alpha = False
-        f.paper = None
-        f.pretrain = {}
-    return OmegaConf.merge(f, cfg.get("pretrain") or {})
 
 
 def float_run_dir(cfg: DictConfig, key: str) -> Path:

@@ -8,8 +8,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from qtrain.build import build, build_act_layer
-from qtrain.resume import fingerprint
-from qtrain.run import float_config
+from qtrain.float_start import effective_pretrain
+from qtrain.resume import fingerprint, identity
+from qtrain.float_start import float_config
 
 from .conftest import CONFIG_DIR
 
@@ -87,3 +88,29 @@ def test_float_model_shared_across_stes(make_cfg):
     a = float_config(make_cfg("experiment=ste/mnist_lenet5_a2_identity"))
     b = float_config(make_cfg("experiment=ste/mnist_lenet5_a4_clipped_relu"))
     assert fingerprint(a) == fingerprint(b)
+
+
+@pytest.mark.parametrize("name", [e for e in experiments() if "instability" not in e])
+def test_an_lr_override_changes_the_run_not_its_float_start(make_cfg, name):
+    """`qtrain experiment=X optim.lr=...` tries another rate for the quantized training; the float model it
+    starts from (trained once, cached, shared with the configured cell) must stay the same one."""
+    plain = make_cfg(f"experiment={name}")
+    other = make_cfg(f"experiment={name}", f"optim.lr={plain.optim.lr / 7}")
+    assert OmegaConf.to_container(float_config(other)) == OmegaConf.to_container(float_config(plain))
+    assert other.optim.lr != plain.optim.lr
+
+
+def test_a_pretrain_entry_that_pins_the_runs_own_value_is_not_part_of_its_identity(make_cfg, mnist_root):
+    """So an experiment can pin its float recipe without orphaning the runs made before (resume=true)."""
+    cell = ("experiment=ste/mnist_lenet5_a4_relu", f"data.root={mnist_root}")  # trains at lr 0.1, pins 0.1
+    pinned, unpinned = make_cfg(*cell), make_cfg(*cell, "~pretrain.optim")
+    assert pinned.pretrain.optim.lr == pinned.optim.lr and effective_pretrain(pinned) == {}
+    assert identity(pinned) == identity(unpinned)
+    other = make_cfg(*cell, "pretrain.optim.lr=0.05")  # a different float start: a different run
+    assert effective_pretrain(other) == {"optim": {"lr": 0.05}} and identity(other) != identity(pinned)
+
+
+def test_a_pretrain_entry_equal_to_a_key_the_float_model_resets_is_kept(make_cfg):
+    """abits=4 in pretrain is not a no-op even on a 4-bit run: the float model's abits is otherwise None."""
+    cfg = make_cfg("experiment=ste/cifar10_resnet20_a4_relu", "+pretrain.abits=4")
+    assert cfg.abits == 4 and effective_pretrain(cfg) == {"optim": {"lr": 0.1}, "abits": 4}
