@@ -114,9 +114,9 @@ status() {  # one line per run: epochs done, last test accuracy, and done / trai
     fi
     printf '%-72s %3s epochs  test acc %-6s %s\n' "${d#$OUT/}" "$epochs" "$acc" "$state"
     # run folders are named by method, bits and STE, so say which cell it is (the §4.2 runs share a folder with
-    # a4 identity): the experiment= and init= overrides it was started with
+    # a4 identity): the overrides it was started with, less those every cell has (seed=1, init=, optim.lr=0.01 stay)
     local o; o=$(overrides_of "$d") || continue
-    what=$(sed -n 's/^- \(experiment\|init\|seed\)=/\1=/p' "$o" \
+    what=$(sed -n 's/^- //p' "$o" | { grep -Ev '^(schedule_scale|resume|out_dir|progress)=' || true; } \
       | sed 's#^init=.*/float/.*#init=float#; s#^init=.*/runs/#init=#' | tr '\n' ' ')
     [ -z "$what" ] || echo "    ${what% }"
   done

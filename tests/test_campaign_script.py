@@ -13,7 +13,9 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "cifar_campaign.sh
 def make_run(root: Path, name: str, epochs: int, done: bool = False) -> Path:
     d = root / "runs" / "cifar10_resnet20_float_wfa4_identity" / name
     (d / ".hydra").mkdir(parents=True)
-    (d / ".hydra" / "overrides.yaml").write_text("- experiment=ste/cifar10_resnet20_a4_identity\n- seed=1\n")
+    (d / ".hydra" / "overrides.yaml").write_text(  # as the lane starts it: the cell's own overrides, then every cell's
+        "- experiment=ste/cifar10_resnet20_a4_identity\n- schedule_scale=0.1\n- seed=1\n- resume=true\n"
+        "- out_dir=outputs/cifar\n- progress=false\n")
     (d / "fingerprint.txt").write_text("0123\n")  # qtrain writes it before the first epoch
     if epochs:
         (d / "metrics.jsonl").write_text("".join(f'{{"epoch": {e}, "test/acc": {30 + e}.5}}\n'
