@@ -8,9 +8,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from qtrain.build import build, build_act_layer
-from qtrain.float_start import effective_pretrain
+from qtrain.float_start import effective_pretrain, float_config
 from qtrain.resume import fingerprint, identity
-from qtrain.float_start import float_config
 
 from .conftest import CONFIG_DIR
 
