@@ -3,7 +3,9 @@
 
 The float model is the run's own config with float weights and activations and the plain float
 method, plus the experiment's ``pretrain`` overrides (e.g. the STE cells train at lr 0.01 from a
-float model trained at lr 0.1). run.py trains and caches it; resume.py names a run by what it computes.
+float model trained at lr 0.1). ``pretrain.schedule_scale`` gives the float model its own schedule
+(1: the full recipe under a cell run at ``schedule_scale=0.1``); left null, it is the cell's, and
+``pretrain.seed`` keeps one float model under several seeds of the quantized phase. run.py trains and caches it; resume.py names a run by what it computes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,17 @@ def float_config(cfg: DictConfig) -> DictConfig:
         f.act.learn_alpha = False
         f.paper = None
         f.pretrain = {}
-    return OmegaConf.merge(f, cfg.get("pretrain") or {})
+    return OmegaConf.merge(f, pretrain_overrides(cfg))
+
+
+def pretrain_overrides(cfg: DictConfig) -> DictConfig:
+    """``cfg.pretrain`` as overrides of the float config: ``schedule_scale: null`` (the default) means
+    "the cell's own scale", so it is no override at all."""
+    given = cfg.get("pretrain")
+    pre = OmegaConf.create(OmegaConf.to_container(given, resolve=True) if given else {})
+    if "schedule_scale" in pre and pre.schedule_scale is None:
+        del pre["schedule_scale"]
+    return pre
 
 
 def effective_pretrain(cfg: DictConfig) -> dict:

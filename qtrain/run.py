@@ -43,9 +43,10 @@ log = logging.getLogger("qtrain")
 
 
 def float_run_dir(cfg: DictConfig, key: str) -> Path:
-    """Where init=float caches the float model of ``cfg`` (``key``: the fingerprint of its float_config)."""
+    """Where init=float caches the float model of ``cfg`` (``key``: the fingerprint of its float_config),
+    named by the float model's own seed (``pretrain.seed`` may keep it apart from the run's)."""
     return Path(cfg.out_dir).resolve() / "float" / f"{cfg.data._target_.split('.')[-1]}_" \
-        f"{cfg.model._target_.split('.')[-1].lower()}_s{cfg.seed}_{key}"
+        f"{cfg.model._target_.split('.')[-1].lower()}_s{float_config(cfg).seed}_{key}"
 
 
 def float_checkpoint(cfg: DictConfig) -> Path:

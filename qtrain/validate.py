@@ -136,6 +136,12 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
     if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}.")
     check_scale(cfg.get("schedule_scale", 1))
+    pre_scale = (cfg.get("pretrain") or {}).get("schedule_scale")
+    if pre_scale is not None:
+        try:
+            check_scale(pre_scale)
+        except ConfigError as e:
+            raise ConfigError(f"pretrain.{e}") from None
     every = cfg.get("log_every_n_steps", 0)
     if not _is_int(every) or every < 0:
         raise ConfigError(f"log_every_n_steps must be an integer >= 0 (0 = off), got {every!r}.")
