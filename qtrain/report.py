@@ -213,39 +213,93 @@ def epochs_text(result: dict) -> str:
     return f"{result['epochs']} (of {result.get('unscaled_epochs', '?')}, scale {result['schedule_scale']:g})"
 
 
-def table_name(paper_table: str, scale: float) -> str:
+def table_name(paper_table: str, scale: float, float_scale: float | None = None) -> str:
+    """The table of a cell run at ``scale`` of its schedule, from a float start at ``float_scale``
+    (None: no float start, or one at the cell's own scale, as every run before pretrain.schedule_scale)."""
+    if float_scale is not None and float_scale != scale:
+        start = "a full-recipe" if float_scale == 1 else f"a {scale_text(float_scale)}-recipe"
+        quantized = ("the quantized phase at the paper's schedule" if scale == 1 else
+                     f"the quantized phase at {scale_text(scale)} of the paper's schedule (not a full reproduction)")
+        return f"{paper_table}, from {start} float start: {quantized}"
     if scale == 1:
         return paper_table
     return f"{paper_table}: ours at {scale_text(scale)} of the paper's schedule (not a full reproduction)"
 
 
+def float_start_of(run: dict, runs: list[dict]) -> dict | None:
+    """What a run started with ``init=float`` started from: result.json's ``float_start``; for a run
+    from before qtrain wrote it, the float run found among ``runs`` by its folder (float/<name>), else
+    just its scale (until pretrain.schedule_scale existed, the float model got the run's own). None
+    for a run that did not start from the float model."""
+    r = run["result"]
+    if not r or (r.get("config") or {}).get("init") != "float":
+        return None
+    if r.get("float_start"):
+        return r["float_start"]
+    want = Path(str(r.get("init"))).parent.parent
+    for other in runs:
+        if other["result"] and other["dir"].parts[-2:] == want.parts[-2:]:
+            f = other["result"]
+            return {"run_dir": str(other["dir"]), "epochs": f.get("epochs"), "schedule_scale": scale_of(f),
+                    "unscaled_epochs": f.get("unscaled_epochs"), "final_test_acc": f.get("final_test_acc"),
+                    "best_test_acc": f.get("best_test_acc")}
+    return {"schedule_scale": scale_of(r)}
+
+
+def float_scale_of(run: dict, runs: list[dict]) -> float | None:
+    start = float_start_of(run, runs)
+    return None if start is None else float(start.get("schedule_scale") or 1)
+
+
+def float_start_text(starts: list[dict | None]) -> str:
+    """The float starts of a row's runs: 'full recipe, 200 epochs: 91.52' or '1/10 (20 of 200 epochs):
+    84.42, 85.24' (final test accuracy of each distinct start: one per seed where each seed has its own)."""
+    by_schedule: dict[str, list[str]] = {}
+    for start in starts:
+        if start is None:
+            by_schedule.setdefault("—", [])
+            continue
+        scale = float(start.get("schedule_scale") or 1)
+        epochs = start.get("epochs", "?")
+        schedule = (f"full recipe, {epochs} epochs" if scale == 1 else
+                    f"{scale_text(scale)} ({epochs} of {start.get('unscaled_epochs', '?')} epochs)")
+        accs = by_schedule.setdefault(schedule, [])
+        acc = start.get("final_test_acc")
+        if acc is not None and fmt(acc) not in accs:
+            accs.append(fmt(acc))
+    return "; ".join(k + (f": {', '.join(v)}" if v else "") for k, v in by_schedule.items())
+
+
 def table_rows(runs: list[dict], papers: dict[str, dict]) -> dict[str, list[str]]:
     """table name -> markdown rows. Runs at another ``schedule_scale`` get their own table, named so."""
-    groups = defaultdict(list)  # (experiment, scale, starting run or "", variant) -> results; seeds are averaged
+    # (experiment, scale, float start's scale, starting run or "", variant) -> results; seeds are averaged
+    groups = defaultdict(list)
     for run in runs:
         if is_reproduction(run) and experiment_of(run):
-            key = (experiment_of(run), scale_of(run["result"]), source_label(run, runs) or "", variant_of(run))
-            groups[key].append(run["result"])
+            fscale = float_scale_of(run, runs)
+            key = (experiment_of(run), scale_of(run["result"]), None if fscale == scale_of(run["result"]) else fscale,
+                   source_label(run, runs) or "", variant_of(run))
+            groups[key].append(dict(run["result"], _float_start=float_start_of(run, runs)))
     tables = defaultdict(list)
     for exp, paper in papers.items():
         ref = paper.get("acc")
         ref_text = fmt(ref) if ref is not None else (f"band {paper['sanity_band']:.2f}" if paper.get("sanity_band")
                                                       else "—")
         loss_text = loss_fmt(paper.get("loss"))
-        keys = sorted({k[1:] for k in groups if k[0] == exp}, key=lambda k: (-k[0], k[1], k[2]))
-        if not any(scale == 1 and not variant for scale, _, variant in keys):
-            keys.insert(0, (1.0, "", ""))  # the full-schedule row of the cell as configured says why it was not run
-        for scale, src, variant in keys:
-            results = groups.get((exp, scale, src, variant), [])
+        keys = sorted({k[1:] for k in groups if k[0] == exp}, key=lambda k: (-k[0], -(k[1] or 0), k[2], k[3]))
+        if not any(scale == 1 and fscale is None and not variant for scale, fscale, _, variant in keys):
+            keys.insert(0, (1.0, None, "", ""))  # the full-schedule row of the cell as configured says why it was not run
+        for scale, fscale, src, variant in keys:
+            results = groups.get((exp, scale, fscale, src, variant), [])
             name = cell_name(exp, src, variant)
-            tables[table_name(paper["table"], scale)].append(_row(name, ref, ref_text, loss_text, paper, results))
+            tables[table_name(paper["table"], scale, fscale)].append(_row(name, ref, ref_text, loss_text, paper, results))
     return tables
 
 
 def _row(exp, ref, ref_text, loss_text, paper, results) -> str:
     """One markdown row: the paper's number beside ours (mean over seeds), or why it was not run."""
     if not results:
-        return f"| {exp} | {ref_text} | {loss_text} | {not_run_reason(paper['_data'], paper.get('_epochs'))} | | | | | | | |"
+        return f"| {exp} | {ref_text} | {loss_text} | {not_run_reason(paper['_data'], paper.get('_epochs'))} | | | | | | | | |"
     final = [r["final_test_acc"] for r in results]
     best = [r["best_test_acc"] for r in results]
     losses = [r["final_train_loss"] for r in results]
@@ -255,14 +309,16 @@ def _row(exp, ref, ref_text, loss_text, paper, results) -> str:
     wall = statistics.mean(r["wall_time_s"] for r in results)
     speed = statistics.mean(r["train_images_per_s"] for r in results)
     epochs = epochs_text(results[0])
+    starts = float_start_text([r.get("_float_start") for r in results])
     return (f"| {exp} | {ref_text} | {loss_text} | {mean_std(final)} | {mean_std(best)} | {diff} | "
-            f"{loss_fmt(statistics.mean(losses))} | {epochs} | {'; '.join(devices)} | {duration(wall)} | "
+            f"{loss_fmt(statistics.mean(losses))} | {epochs} | {starts} | {'; '.join(devices)} | {duration(wall)} | "
             f"{speed:,.0f} |")
 
 
 HEADER = ("| experiment | paper acc | paper train loss | ours: final acc | ours: best-epoch acc | Δ final − paper | "
-          "ours: final train loss | epochs | device | wall time (mean) | train img/s |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+          "ours: final train loss | epochs | float start (init=float): schedule, final acc | device | "
+          "wall time (mean) | train img/s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def float_rows(runs: list[dict]) -> list[str]:

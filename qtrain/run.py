@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import platform
 import shutil
@@ -68,6 +69,17 @@ def float_checkpoint(cfg: DictConfig) -> Path:
                 raise Interrupted(f"{e} (the float model that init=float trains first; running the same command "
                                   "again continues it where it stopped)", e.exit_code, None) from None
     return ckpt
+
+
+def float_start_record(ckpt: Path) -> dict:
+    """result.json's ``float_start`` of a run that started from the cached float model ``ckpt``: which
+    float run, at what schedule, and how good it was (qtrain-report shows it beside the cell)."""
+    run_dir = Path(ckpt).parent.parent
+    r = json.loads((run_dir / "result.json").read_text())
+    return {"run_dir": str(run_dir), "fingerprint": (run_dir / FINGERPRINT_FILE).read_text().strip(),
+            "epochs": r.get("epochs"), "schedule_scale": r.get("schedule_scale", 1),
+            "unscaled_epochs": r.get("unscaled_epochs"), "final_test_acc": r.get("final_test_acc"),
+            "best_test_acc": r.get("best_test_acc"), "best_epoch": r.get("best_epoch")}
 
 
 @contextlib.contextmanager
@@ -276,6 +288,7 @@ def _result(cfg, given, recorder, model, method, names, summary, device, code, i
         "torch_version": torch.__version__,
         **code,
         "init": init_path,
+        **({"float_start": float_start_record(Path(init_path))} if given.init == "float" else {}),
         "choices": choices or {},
         "paper": resolved.get("paper"),
         "model_summary": summary,
