@@ -15,8 +15,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from qtrain import checkpoint, distributed
+from qtrain import checkpoint
 from qtrain.errors import ConfigError, QtrainError
+from qtrain.keys import short_name
+from qtrain.parallel.ranks import current_ranks
 from qtrain.quant import (ActLayer, clamp_learned_alphas, make_weight_quantizer, quantized_weight_names, resolve_alpha,
                           scale_alpha_gradients)
 from qtrain.train import Classification, Regression
@@ -66,7 +68,7 @@ def instantiate_node(node, **kwargs):
 def fitted_model(make_model, act_layer, input_shape, cfg):
     """Build the model and push one dummy batch through it, so that a model/data mismatch
     (e.g. VGG's five poolings on 28x28 MNIST) is one clear error, not a traceback mid-run."""
-    model_name, data_name = (cfg[g]._target_.split(".")[-1] for g in ("model", "data"))
+    model_name, data_name = short_name(cfg.model), short_name(cfg.data)
     try:
         model = make_model(act_layer=act_layer)
         model.eval()
@@ -95,7 +97,7 @@ def build_scheduler(cfg: DictConfig, optimizer, steps_per_epoch: int):
 def build(cfg: DictConfig, device: torch.device):
     """data, model, method, optimizer, scheduler and task for ``cfg`` (nothing trained yet)."""
     data = instantiate_node(cfg.data, seed=cfg.seed, device=device)
-    distributed.current().shard(data)  # a data-parallel run: this rank's share of each batch
+    current_ranks().shard(data)  # a data-parallel run: this rank's share of each batch
     # _partial_: Hydra would turn the ActLayer dataclass into a config if passed to instantiate.
     make_model = instantiate_node(cfg.model, _partial_=True, num_classes=data.num_classes, input_shape=data.input_shape)
     model = fitted_model(make_model, build_act_layer(cfg), data.input_shape, cfg).to(device)

@@ -15,32 +15,18 @@ needed; the temporary file is removed and the previous files stay as they were.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from qtrain.errors import QtrainError
+from qtrain.errors import CorruptCheckpoint
+from qtrain.fileio import previous_path, write_bytes_atomic
 
 log = logging.getLogger("qtrain")
-
-#: errno values that mean "this folder cannot take the file" (full, quota, read-only, too large)
-DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
-
-
-class DiskError(QtrainError):
-    """The disk refused a write; nothing written before was lost."""
-
-
-class CorruptCheckpoint(QtrainError):
-    """No readable, verified checkpoint where one was expected."""
-
 
 def _digest(obj, h) -> None:
     if isinstance(obj, torch.Tensor):
@@ -69,47 +55,6 @@ def content_digest(state: dict) -> str:
     h = hashlib.sha256()
     _digest({k: v for k, v in state.items() if k != "integrity"}, h)
     return h.hexdigest()
-
-
-def disk_error(e: OSError, path: Path, needed: int | None = None) -> DiskError:
-    folder = Path(path).parent
-    try:
-        free = shutil.disk_usage(folder).free
-        free_txt = f"; {free / 2**20:.1f} MiB free there"
-    except OSError:
-        free_txt = ""
-    need = f" (the file needs {needed / 2**20:.1f} MiB{free_txt})" if needed else free_txt and f" ({free_txt[2:]})"
-    what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
-            errno.EROFS: "the folder is on a read-only file system", errno.EFBIG: "the file exceeds the size limit",
-            }.get(e.errno, "writing there is not permitted")
-    return DiskError(f"Could not write {Path(path).name} in {folder}: {what}{need} [{e.strerror}]. Nothing "
-                     "written before was lost: the previous checkpoint and metrics are intact and the temporary "
-                     "file was removed. Free space (or fix the permissions) and continue with resume=true "
-                     f"(or resume={folder.parent if folder.name == 'checkpoints' else folder}).")
-
-
-def write_bytes_atomic(path: Path, payload: bytes, keep_previous: bool = False) -> None:
-    """Write ``payload`` to ``path`` through a fsynced temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        if keep_previous and path.exists():
-            os.replace(path, previous_path(path))
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno in DISK_ERRNOS:
-            raise disk_error(e, path, len(payload)) from None
-        raise
-
-
-def previous_path(path: Path) -> Path:
-    return Path(path).with_name(Path(path).stem + ".prev" + Path(path).suffix)
 
 
 def save(state: dict, path: Path, keep_previous: bool = True) -> None:

@@ -19,8 +19,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from qtrain.errors import QtrainError
-from qtrain.lifecycle import Interrupted, quit_on_signals_outside_training, unique_dir
+from qtrain.errors import EXIT_BAD_INPUT, EXIT_FAILED, Interrupted, QtrainError
+from qtrain.lifecycle import quit_on_signals_outside_training, unique_dir
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 log = logging.getLogger("qtrain")
@@ -53,9 +53,11 @@ def _unique_dir(path: str) -> str:
     Under torchrun, rank 0 creates the folder and every rank uses it."""
     try:
         if path not in _agreed:
-            from qtrain import distributed
+            from qtrain.parallel.ranks import (
+                current_ranks,  # (torch: not imported before it is needed)
+            )
 
-            _agreed[path] = distributed.current().decide(unique_dir, path)
+            _agreed[path] = current_ranks().decide(unique_dir, path)
         return _agreed[path]
     except QtrainError as e:
         _say(str(e))
@@ -111,12 +113,14 @@ def main() -> None:
     if not (CONFIG_DIR / "config.yaml").exists():
         _say(f"the config folder {CONFIG_DIR} is missing. qtrain reads its configs from the repository's configs/ "
              "folder: install it from a checkout with `pip install -e .` (or `make install`).")
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
     if _torchrun():  # one process of several: join the group before Hydra makes the run folder
-        from qtrain import distributed
+        from qtrain.parallel.launcher import (
+            join_torchrun,  # (torch: `qtrain --help` stays fast without it)
+        )
 
         try:
-            distributed.join_torchrun(sys.argv)
+            join_torchrun(sys.argv)
         except QtrainError as e:
             _say(str(e))
             sys.exit(e.exit_code)
@@ -126,22 +130,22 @@ def main() -> None:
         finished = not _failed_jobs
     finally:
         if _torchrun():
-            from qtrain import distributed
+            from qtrain.parallel.ranks import leave
 
-            distributed.leave(finished)
+            leave(finished)
     from qtrain import sweep_summary
 
     if _failed_jobs:  # jobs that ran in this process: with their error messages
         print(f"qtrain: {len(_failed_jobs)} job(s) of the sweep failed:", file=sys.stderr)
         for line in _failed_jobs:
             print("  " + line, file=sys.stderr)
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
     if sweep_summary.FAILED:  # jobs that ran elsewhere (joblib, submitit): from the files they left
         print(f"qtrain: {len(sweep_summary.FAILED)} job(s) of the sweep did not complete (see their qtrain.log):",
               file=sys.stderr)
         for line in sweep_summary.FAILED:
             print("  " + line, file=sys.stderr)
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
 
 
 if __name__ == "__main__":

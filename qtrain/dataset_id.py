@@ -20,6 +20,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from qtrain.errors import DiskError
+from qtrain.fileio import write_text_atomic
+from qtrain.keys import short_name
+
 CHUNK = 1 << 22
 
 
@@ -36,13 +40,9 @@ def _load_cache() -> dict:
 
 
 def _save_cache(cache: dict) -> None:
-    path = cache_path()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(cache, indent=0, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError:
+        write_text_atomic(cache_path(), json.dumps(cache, indent=0, sort_keys=True))
+    except (OSError, DiskError):
         pass  # a read-only home: the hashes are recomputed next time, nothing is lost
 
 
@@ -91,7 +91,7 @@ def dataset_identity(data_cfg: DictConfig) -> str | None:
     its parameters are in the config already)."""
     from qtrain import data  # the readers know which files they read
 
-    name = str(data_cfg.get("_target_", "")).rsplit(".", 1)[-1]
+    name = short_name(data_cfg)
     root = data_cfg.get("root")
     if root is None:
         return None

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf, open_dict
 
 from qtrain import checkpoint
 from qtrain.errors import QtrainError
+from qtrain.keys import short_name
 
 
 def load_run(path: Path, data_root: str | None = None, device: str = "cpu", limit_test: int | None = None,
@@ -67,7 +68,7 @@ def evaluate_checkpoint(path: Path, data_root: str | None = None, device: str = 
         result = evaluate(model, data.test, task, dev, amp)
     return {"checkpoint": str(path), "epoch": state.get("epoch"), "test_acc": result["acc"],
             "test_loss": result["loss"], "test_samples": sum(len(y) for _, y in data.test),
-            "data": cfg.data._target_.rsplit(".", 1)[-1], "data_root": str(cfg.data.get("root")),
+            "data": short_name(cfg.data), "data_root": str(cfg.data.get("root")),
             "device": str(dev)}
 
 

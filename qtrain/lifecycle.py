@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-from qtrain.errors import ConfigError, QtrainError
+from qtrain.errors import SIGNAL_EXIT_CODES, ConfigError
 
 _created: dict[str, str] = {}  # per process: the same name always resolves to the same directory
 
@@ -140,27 +140,6 @@ class LogAlsoInto:
             self.handler = None
 
 
-class Interrupted(QtrainError):
-    """The run was stopped by a signal after saving a resumable checkpoint."""
-
-    def __init__(self, message: str, exit_code: int, run_dir=None):
-        super().__init__(message)
-        self.exit_code, self.run_dir = exit_code, run_dir
-
-
-class Diverged(QtrainError):
-    """A non-finite loss or weight: the run stops, the last good checkpoint is kept."""
-
-    exit_code = 3
-
-    def __init__(self, message: str, where: dict):
-        super().__init__(message)
-        self.where = where
-
-
-EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "SIGUSR1": 143}
-
-
 def quit_on_signals_outside_training() -> None:
     """Before and after the loop (imports, data loading, the final result) there is no step to
     finish: a signal ends the process at once with one line instead of a traceback or silence.
@@ -170,7 +149,7 @@ def quit_on_signals_outside_training() -> None:
         name = signal.Signals(signum).name
         print(f"\nqtrain: {name} outside training: stopped (nothing was lost: checkpoints are only ever replaced "
               "atomically).", file=sys.stderr, flush=True)
-        sys.exit(EXIT_CODES.get(name, 130))
+        sys.exit(SIGNAL_EXIT_CODES.get(name, 130))
 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
@@ -197,7 +176,7 @@ class StopSignals:
         if self.requested is not None and signum != signal.SIGUSR1:
             print(f"\nqtrain: second {name}: quitting now, without saving (the last checkpoint is kept).",
                   file=sys.stderr, flush=True)
-            os._exit(EXIT_CODES.get(name, 130))
+            os._exit(SIGNAL_EXIT_CODES.get(name, 130))
         if self.requested is None:
             self.requested, self._first_at = name, time.monotonic()
             print(f"\nqtrain: {name} received: finishing the current step, then saving a checkpoint "
@@ -216,4 +195,4 @@ class StopSignals:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_CODES.get(self.requested or "", 130)
+        return SIGNAL_EXIT_CODES.get(self.requested or "", 130)

@@ -29,12 +29,10 @@ import numpy as np
 import torch
 
 from qtrain import checkpoint
+from qtrain.errors import DiskError
+from qtrain.fileio import DISK_ERRNOS, disk_error, write_text_atomic
 
 log = logging.getLogger("qtrain")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    checkpoint.write_bytes_atomic(path, text.encode())
 
 
 def rng_state() -> dict:
@@ -123,7 +121,7 @@ class Recorder:
                     log.warning("metrics.jsonl: dropping a torn row (%d characters) left by an interrupted write",
                                 len(line))
         rows = [r for r in rows if isinstance(r, dict) and r.get("epoch", 1e9) <= start_epoch]
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
         return rows
 
     def _append_row(self, row: dict) -> None:
@@ -137,8 +135,8 @@ class Recorder:
                 os.fsync(f.fileno())
             except OSError as e:
                 f.truncate(size)
-                if e.errno in checkpoint.DISK_ERRNOS:
-                    raise checkpoint.disk_error(e, self.metrics_path, len(line)) from None
+                if e.errno in DISK_ERRNOS:
+                    raise disk_error(e, self.metrics_path, len(line)) from None
                 raise
 
     def _is_better(self, scalars: dict) -> bool:
@@ -176,7 +174,7 @@ class Recorder:
             if improved:
                 checkpoint.save(state, self.run_dir / "checkpoints" / "best.pt", keep_previous=False)
             checkpoint.save(state, self.run_dir / "checkpoints" / "last.pt")
-        except checkpoint.DiskError:
+        except DiskError:
             self.best = best
             raise
         log.info(self.epoch_line(row))
@@ -220,7 +218,7 @@ class Recorder:
         return " | ".join(parts)
 
     def write_result(self, result: dict) -> None:
-        atomic_write_text(self.run_dir / "result.json", json.dumps(result, indent=2, default=str) + "\n")
+        write_text_atomic(self.run_dir / "result.json", json.dumps(result, indent=2, default=str) + "\n")
 
     def close(self) -> None:
         self.tb.close()

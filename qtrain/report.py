@@ -31,6 +31,8 @@ from pathlib import Path
 
 import yaml
 
+from qtrain.keys import VOLATILE, short_name
+
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = ROOT / "configs" / "experiment"
 
@@ -65,8 +67,8 @@ def override_of(run: dict, key: str) -> str | None:
 #: scale and the run it started from get their own table and row) and the run-time keys that qtrain.resume
 #: leaves out of a run's fingerprint (its VOLATILE; a test keeps the two in step). Any other override
 #: (optim.lr=0.01) makes the run a variant with a row of its own, never a second seed of the cell.
-SAME_CELL_KEYS = {"experiment", "seed", "schedule_scale", "init", "resume", "progress", "device", "stop_after_epoch",
-                  "out_dir", "paper", "objective", "log_every_n_steps", "collective_timeout_s"}
+SAME_CELL_KEYS = {"experiment", "seed", "schedule_scale", "init", "pretrain.schedule_scale", "pretrain.seed",
+                  *VOLATILE}
 
 
 def variant_of(run: dict) -> str:
@@ -328,8 +330,8 @@ def float_rows(runs: list[dict]) -> list[str]:
         if is_reproduction(run) and not experiment_of(run) and is_float_start(run):
             c = r["config"]
             # the cells of one model may start from different float models (BinaryRelax/BCGD: affine BN)
-            model = c["model"]["_target_"].split(".")[-1] + (" (affine BN)" if c["model"].get("norm_affine") else "")
-            rows.append(f"| {c['data']['_target_'].split('.')[-1]} | {model} | "
+            model = short_name(c["model"]) + (" (affine BN)" if c["model"].get("norm_affine") else "")
+            rows.append(f"| {short_name(c['data'])} | {model} | "
                         f"{c['seed']} | {fmt(r['final_test_acc'])} | {fmt(r['best_test_acc'])} | "
                         f"{r['final_train_loss']:.2e} | {epochs_text(r)} | {r['device']} | {duration(r['wall_time_s'])} |")
     return sorted(rows)
@@ -435,7 +437,6 @@ def plot(paths: list[Path], out: Path, match: str | None, exclude: str | None = 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import MaxNLocator
 
     every = read_runs(paths)

@@ -18,19 +18,11 @@ from qtrain import checkpoint
 from qtrain.dataset_id import dataset_identity
 from qtrain.errors import ConfigError
 from qtrain.float_start import effective_pretrain
+from qtrain.keys import NEUTRAL, VOLATILE
 
 log = logging.getLogger("qtrain")
 
 FINGERPRINT_FILE = "fingerprint.txt"  # in each run directory: what resume=true matches on
-#: keys that do not change what a run computes (left out of its fingerprint)
-VOLATILE = ("resume", "progress", "device", "stop_after_epoch", "out_dir", "paper", "objective",
-            "log_every_n_steps", "collective_timeout_s")
-#: (dotted) keys whose default leaves a run's computation as it was before the key existed: at
-#: that value they are left out of the fingerprint, so adding such a key never orphans earlier runs.
-#: Every key added to the config from now on belongs here with its neutral value.
-NEUTRAL = {"schedule_scale": 1, "sched.interval": "epoch", "devices": 1, "sync_bn": False}
-
-
 def fingerprint(cfg: DictConfig) -> str:
     """Hash of everything that changes what a run computes (of :func:`identity`)."""
     return identity_hash(identity(cfg))

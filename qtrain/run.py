@@ -24,11 +24,20 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from qtrain import checkpoint, distributed, record
+from qtrain import checkpoint, record
 from qtrain.build import build, check_init_file, load_init, pick_device, seed_everything
-from qtrain.errors import ConfigError, QtrainError
+from qtrain.errors import ConfigError, Diverged, Interrupted, QtrainError
 from qtrain.float_start import float_config
-from qtrain.lifecycle import Diverged, Interrupted, LogAlsoInto, RunLock, StopSignals, remove_stale_temporaries
+from qtrain.keys import short_name
+from qtrain.lifecycle import (
+    LogAlsoInto,
+    RunLock,
+    StopSignals,
+    quit_on_signals_outside_training,
+    remove_stale_temporaries,
+)
+from qtrain.parallel import launcher
+from qtrain.parallel.ranks import REPEAT_WINDOW_S, current_ranks, device_of
 from qtrain.resume import FINGERPRINT_FILE, choose_resume, fingerprint, identity, identity_hash, resume_state
 from qtrain.schedule import scale_schedule
 from qtrain.summary import distinct_values, format_summary, model_summary
@@ -46,13 +55,13 @@ log = logging.getLogger("qtrain")
 def float_run_dir(cfg: DictConfig, key: str) -> Path:
     """Where init=float caches the float model of ``cfg`` (``key``: the fingerprint of its float_config),
     named by the float model's own seed (``pretrain.seed`` may keep it apart from the run's)."""
-    return Path(cfg.out_dir).resolve() / "float" / f"{cfg.data._target_.split('.')[-1]}_" \
-        f"{cfg.model._target_.split('.')[-1].lower()}_s{float_config(cfg).seed}_{key}"
+    return Path(cfg.out_dir).resolve() / "float" / f"{short_name(cfg.data)}_" \
+        f"{short_name(cfg.model).lower()}_s{float_config(cfg).seed}_{key}"
 
 
 def float_checkpoint(cfg: DictConfig) -> Path:
     """Path of the cached float checkpoint for ``cfg``; trains it first when missing."""
-    ranks = distributed.current()
+    ranks = current_ranks()
     fcfg = float_config(cfg)
     run_dir = float_run_dir(cfg, ranks.decide(fingerprint, fcfg))
     ckpt = run_dir / "checkpoints" / "last.pt"
@@ -127,11 +136,11 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
     Raises Interrupted (a signal: checkpoint saved at the current step) and Diverged (a non-finite
     loss or weight: result.json says so, the last good checkpoint is left as it was).
     """
-    ranks = distributed.current()
+    ranks = current_ranks()
     validate(cfg)
     code = record.code_identity()  # now, not at the end: the checkout may change while a run trains
     run_dir = Path(resume_dir if resume_dir is not None else run_dir)
-    device = distributed.device_of(ranks, pick_device(cfg.device))
+    device = device_of(ranks, pick_device(cfg.device))
     ident = ranks.decide(identity, cfg)  # of the config as given (schedule_scale included, not yet applied)
     fp = identity_hash(ident)  # (not fingerprint(cfg): that would hash the dataset's files a second time)
     # the float model gets the same schedule_scale, applied to the float recipe
@@ -181,7 +190,7 @@ def _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp,
                 "best": dict(best_now), "rng": record.rng_state(), "config": resolved, "identity": ident,
                 "threads": torch.get_num_threads(), "elapsed_s": elapsed_before + time.time() - started}
 
-    if ranks.is_main:  # rank 0 alone writes (distributed.py)
+    if ranks.is_main:  # rank 0 alone writes (qtrain/parallel/ranks.py)
         (run_dir / FINGERPRINT_FILE).write_text(fp + "\n")
         done_steps = start_epoch * len(data.train) + (partial["batches"] if partial else 0)
         recorder = record.Recorder(run_dir, checkpoint_state, start_epoch, best, start_step=done_steps)
@@ -190,7 +199,7 @@ def _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp,
         recorder = record.NullRecorder()
     watch = DivergenceWatch(model.named_parameters(), device, ranks=ranks)
     try:
-        with StopSignals(repeat_window=distributed.REPEAT_WINDOW_S if ranks.world > 1 else 0) as stop:
+        with StopSignals(repeat_window=REPEAT_WINDOW_S if ranks.world > 1 else 0) as stop:
             outcome = fit(train_model, method, optimizer, scheduler, data, task, recorder, epochs=cfg.epochs,
                           start_epoch=start_epoch, device=device, amp_dtype=amp_dtype,
                           stop_after_epoch=cfg.stop_after_epoch, progress=cfg.progress and ranks.is_main,
@@ -248,9 +257,8 @@ def hparams_of(resolved: dict, overrides: list[str]) -> dict:
     """For TensorBoard's HPARAMS tab: the settings people compare runs by, plus every override."""
     keys = {"abits": resolved.get("abits"), "wbits": resolved.get("wbits"), "seed": resolved.get("seed"),
             "epochs": resolved.get("epochs"), "schedule_scale": resolved.get("schedule_scale"),
-            "method": resolved["method"]["_target_"].rsplit(".", 1)[-1],
-            "model": resolved["model"]["_target_"].rsplit(".", 1)[-1],
-            "data": resolved["data"]["_target_"].rsplit(".", 1)[-1], "lr": resolved["optim"].get("lr")}
+            "method": short_name(resolved["method"]), "model": short_name(resolved["model"]),
+            "data": short_name(resolved["data"]), "lr": resolved["optim"].get("lr")}
     for o in overrides:
         if "=" in o and not o.startswith(("out_dir", "progress", "resume", "hydra")):
             k, v = o.split("=", 1)
@@ -282,8 +290,8 @@ def _result(cfg, given, recorder, model, method, names, summary, device, code, i
         "wall_time_s": wall_time,
         "train_images_per_s": speeds[len(speeds) // 2],
         "device": device_name(device),
-        "devices": distributed.current().world,
-        "sync_bn": bool(cfg.get("sync_bn", False)) and distributed.current().world > 1,
+        "devices": current_ranks().world,
+        "sync_bn": bool(cfg.get("sync_bn", False)) and current_ranks().world > 1,
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         **code,
@@ -299,16 +307,16 @@ def _result(cfg, given, recorder, model, method, names, summary, device, code, i
 
 def main_run(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
     """Entry from the CLI (each process of a torchrun start included): pick what to resume, then
-    train. ``devices > 1`` in a single process starts the workers here (distributed.launch), which
+    train. ``devices > 1`` in a single process starts the workers here (parallel.launcher), which
     then call :func:`train_job` with this decision."""
-    ranks = distributed.current()
+    ranks = current_ranks()
     devices = _devices(cfg, ranks)
     validate(cfg, warn=False)  # before the fingerprint is taken (train_run validates again, with warnings)
     resume_dir, done = ranks.decide(choose_resume, cfg, run_dir)
     if done is not None:
         return done
     if devices > 1 and ranks.world == 1:
-        return distributed.launch(cfg, run_dir, resume_dir, choices, devices)
+        return launcher.launch(WORKER_JOB, cfg, run_dir, resume_dir, choices, devices)
     return train_job(cfg, run_dir, resume_dir, choices)
 
 
@@ -322,12 +330,16 @@ def train_job(cfg: DictConfig, run_dir: Path, resume_dir: Path | None, choices: 
         raise QtrainError(f"The GPU ran out of memory ({e}). Try a smaller data.batch_size.") from None
 
 
+#: what each worker of ``devices=N`` runs (the launcher is given it: it does not import this module)
+WORKER_JOB = launcher.Job(on_start=quit_on_signals_outside_training, train=train_job)
+
+
 def _devices(cfg: DictConfig, ranks) -> int:
     """devices as a number (auto: every visible GPU), written back into cfg; under torchrun, the
     number of processes torchrun started."""
     given = cfg.get("devices", 1)
     try:
-        devices = distributed.resolve_devices(given, str(cfg.device))
+        devices = launcher.resolve_devices(given, str(cfg.device))
     except (TypeError, ValueError):
         raise ConfigError(f"devices={given}: give a number of devices (1, 2, ...) or auto.") from None
     if ranks.world > 1:

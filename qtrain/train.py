@@ -1,7 +1,7 @@
 """The one training loop. It never reads the config: build.py builds the objects and run.py calls fit().
 
 Every method (float / ste / binaryrelax / bcgd) plugs in through the same five calls; see
-methods.py for what each does at those points. In a data-parallel run (distributed.py) the model
+methods.py for what each does at those points. In a data-parallel run (qtrain/parallel/) the model
 is wrapped in DistributedDataParallel and the loaders yield this rank's share; ``ranks`` does the
 few reductions the loop needs (sums, the stop signal, the divergence step) and is a no-op for one
 process.
@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from qtrain.distributed import SINGLE
+from qtrain.parallel.ranks import SINGLE
 
 log = logging.getLogger("qtrain")
 

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from qtrain.errors import ConfigError
+from qtrain.keys import short_name
 from qtrain.quant import QUANT_LAYER_RULES, WQUANT_RULES
 from qtrain.schedule import check_scale
 
@@ -162,7 +163,7 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
         _positive_int(data.get(key), f"data.{key}", allow_null=True)
     for key in ("batch_size", "test_batch_size"):
         _positive_int(data.get(key), f"data.{key}")
-    name = str(data.get("_target_", "")).rsplit(".", 1)[-1]
+    name = short_name(data)
     if name in AUGMENTS and data.get("augment") not in AUGMENTS[name]:
         choices = ", ".join("null" if a is None else a for a in AUGMENTS[name])
         raise ConfigError(f"data.augment must be one of {choices} for {name}, got {data.get('augment')!r}.")

@@ -1,7 +1,7 @@
 """Lock-step check of a data-parallel step against a single-process step (test_distributed.py).
 
 Two Gloo ranks train qtrain's own model, method and optimizer (built by build.build, sharded,
-wrapped by distributed.Ranks.wrap, stepped by train.train_one_epoch). Before every step, rank 0
+wrapped by parallel.ranks.Ranks.wrap, stepped by train.train_one_epoch). Before every step, rank 0
 copies the run's whole state (weights, batch-norm buffers, optimizer, method) into a second,
 single-process copy, which takes the same global batch in one piece. After the step the two
 states are compared. Comparing step by step, from the same state, measures what data parallelism
@@ -73,7 +73,8 @@ def _digest(model, method) -> str:
 def worker(rank: int, world: int, port: int, cases: dict, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    from qtrain import build, distributed
+    from qtrain import build
+    from qtrain.parallel import ranks as distributed
     from qtrain.train import Classification, train_one_epoch
 
     ranks = distributed.join(120)

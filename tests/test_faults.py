@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qtrain import checkpoint
-from qtrain.errors import ConfigError
-from qtrain.lifecycle import Diverged, Interrupted, RunLock, unique_dir
+from qtrain import checkpoint, fileio
+from qtrain.errors import ConfigError, CorruptCheckpoint, Diverged, DiskError, Interrupted
+from qtrain.lifecycle import RunLock, unique_dir
 from qtrain.run import main_run, train_run
 
 QTRAIN = str(Path(sys.executable).parent / "qtrain")
@@ -217,7 +217,7 @@ def test_crash_between_the_checkpoint_renames_resumes_equal(small_cfg, tmp_path,
             raise Crash()
         real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    monkeypatch.setattr(fileio.os, "replace", replace)
     part = tmp_path / "outputs" / "part"
     with pytest.raises(Crash):
         train_run(cfg, part)
@@ -287,7 +287,7 @@ def test_no_good_checkpoint_is_one_paragraph(small_cfg, tmp_path):
     _stopped_run(cfg, run)
     for name in ("last.pt", "last.prev.pt"):
         (run / "checkpoints" / name).write_bytes(b"garbage")
-    with pytest.raises(checkpoint.CorruptCheckpoint, match="No usable checkpoint"):
+    with pytest.raises(CorruptCheckpoint, match="No usable checkpoint"):
         main_run(cfg, tmp_path / "outputs" / "new", {})
 
 
@@ -331,9 +331,9 @@ def test_full_disk_is_one_message_and_recoverable(small_cfg, tmp_path, monkeypat
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 
-    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(fileio.os, "fsync", fsync)
     run = tmp_path / "outputs" / "part"
-    with pytest.raises(checkpoint.DiskError) as e:
+    with pytest.raises(DiskError) as e:
         train_run(cfg, run)
     msg = str(e.value)
     assert "disk is full" in msg and str(run) in msg and "MiB" in msg and "resume" in msg

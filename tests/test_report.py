@@ -86,7 +86,7 @@ def test_a_run_with_changed_settings_gets_its_own_row_not_a_seed_of_the_cell(tmp
 
 
 def test_the_keys_that_keep_a_run_in_its_cell_cover_the_run_time_keys():
-    from qtrain.resume import VOLATILE
+    from qtrain.keys import VOLATILE
 
     assert set(VOLATILE) <= report.SAME_CELL_KEYS
 

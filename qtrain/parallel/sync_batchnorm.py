@@ -16,7 +16,6 @@ import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-
 # torch.distributed.nn.functional.all_reduce (public, documented, autograd-aware) warns that it is deprecated in
 # favour of torch.distributed._functional_collectives, a private module: we keep the public one, without the warning.
 warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_reduce is deprecated",
