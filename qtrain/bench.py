@@ -27,7 +27,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from qtrain.cli import CONFIG_DIR
-from qtrain.train import train_one_epoch
+from qtrain.train import Training, train_one_epoch
 
 VARIANTS = {  # "{a}" is replaced by --abits
     "float": ["abits=null", "wbits=null", "method=float"],
@@ -81,19 +81,17 @@ def build_variant(args, overrides, device, batch_only=False):
     from qtrain.build import build  # after hydra is set up
 
     cfg = make_cfg(args, overrides)
-    data, model, method, optimizer, scheduler, task, _ = build(cfg, device)
-    x, y = next(iter(data.train))
+    built = build(cfg, device)
+    x, y = next(iter(built.data.train))
     if batch_only:
         return x, y
     if cfg.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
-    train_model = torch.compile(model) if cfg.compile else model
-    amp = torch.bfloat16 if cfg.precision == "bf16" else None
+    t = Training(torch.compile(built.model) if cfg.compile else built.model, built.method, built.optimizer,
+                 built.task, device, amp_dtype=torch.bfloat16 if cfg.precision == "bf16" else None)
     if args.full_epoch:  # one "step" = one epoch of the real loader (load + augment + train)
-        return (lambda steps: [train_one_epoch(train_model, method, optimizer, data.train, task, device, amp)
-                               for _ in range(steps)]), len(data.train.x)
-    return (lambda steps: train_one_epoch(train_model, method, optimizer, RepeatBatch(x, y, steps), task, device,
-                                          amp)), args.batch_size
+        return (lambda steps: [train_one_epoch(t, built.data.train) for _ in range(steps)]), len(built.data.train.x)
+    return (lambda steps: train_one_epoch(t, RepeatBatch(x, y, steps))), args.batch_size
 
 
 def time_steps(step, steps, device):

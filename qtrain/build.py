@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pydoc
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from qtrain import checkpoint
 from qtrain.errors import ConfigError, QtrainError
 from qtrain.keys import short_name
+from qtrain.methods import Method
 from qtrain.parallel.ranks import current_ranks
-from qtrain.quant import (ActLayer, clamp_learned_alphas, make_weight_quantizer, quantized_weight_names, resolve_alpha,
-                          scale_alpha_gradients)
+from qtrain.quant import ActLayer, make_weight_quantizer, quantized_weight_names, resolve_alpha
 from qtrain.train import Classification, Regression
 from qtrain.validate import check_proxy
 
@@ -94,8 +95,22 @@ def build_scheduler(cfg: DictConfig, optimizer, steps_per_epoch: int):
                           f"{e.__cause__ or e}.") from None
 
 
-def build(cfg: DictConfig, device: torch.device):
-    """data, model, method, optimizer, scheduler and task for ``cfg`` (nothing trained yet)."""
+@dataclass
+class Built:
+    """A run's objects, as :func:`build` makes them from its config (nothing trained yet).
+    ``quantized``: the names of the weights the method quantizes."""
+
+    data: object
+    model: torch.nn.Module
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    task: Classification | Regression
+    quantized: list[str]
+
+
+def build(cfg: DictConfig, device: torch.device) -> Built:
+    """The data, model, method, optimizer, scheduler and task for ``cfg``."""
     data = instantiate_node(cfg.data, seed=cfg.seed, device=device)
     current_ranks().shard(data)  # a data-parallel run: this rank's share of each batch
     # _partial_: Hydra would turn the ActLayer dataclass into a config if passed to instantiate.
@@ -114,11 +129,9 @@ def build(cfg: DictConfig, device: torch.device):
         raise ConfigError(f"optim: {cfg.optim._target_} cannot be built from the optim settings: {cause}. Pick an "
                           "optimizer config (optim=sgd | adam) or remove keys it does not take, e.g. "
                           "~optim.momentum.") from None
-    optimizer.register_step_pre_hook(lambda *_: scale_alpha_gradients(model))
-    optimizer.register_step_post_hook(lambda *_: clamp_learned_alphas(model))
     scheduler = build_scheduler(cfg, optimizer, len(data.train))
     task = Regression() if data.task == "regression" else Classification()
-    return data, model, method, optimizer, scheduler, task, names
+    return Built(data, model, method, optimizer, scheduler, task, names)
 
 
 INIT_HINT = "Give the path of a qtrain checkpoint (…/checkpoints/last.pt) or init=float."

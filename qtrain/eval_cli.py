@@ -50,7 +50,8 @@ def load_run(path: Path, data_root: str | None = None, device: str = "cpu", limi
         cfg.device = device
         if channels_last is not None:
             cfg.channels_last = channels_last
-    data, model, method, _, _, task, names = build(cfg, pick_device(device))
+    built = build(cfg, pick_device(device))
+    data, model, method, task, names = built.data, built.model, built.method, built.task, built.quantized
     model.load_state_dict(state["model"])
     return path, state, cfg, data, model.eval(), names, method, task
 

@@ -2,15 +2,12 @@
 
 Every method keeps the latent float weights w in the model's parameters between steps (so the
 optimizer, weight decay and checkpoints all act on w) and only swaps in a surrogate u for the
-forward and backward pass. The loop calls, for every batch,
+forward and backward pass. :class:`Method` lists the hooks and when the loop
+(qtrain/train/loop.py) calls them; :class:`Float` is the method with no weight quantization, and
+the others extend it. Everything a method does around the optimizer step happens in
+``before_step`` / ``after_step``, learned activation alphas included: their gradient is scaled
+and clipped before the step and their value clamped after it.
 
-    method.prepare_forward()     # u := surrogate(w), installed into the quantized parameters
-    loss.backward()              # gradient at u (the coarse gradient)
-    method.before_step()         # w restored (BCGD also blends w <- (1-rho) w + rho Q(w))
-    optimizer.step()             # updates w
-    method.after_step()
-
-and ``on_epoch_start`` / ``on_epoch_end`` (which returns scalars to log) around each epoch.
 Evaluation runs inside the contexts of ``evaluations()``: always at the hard-quantized Q(w),
 plus the relaxed u during BinaryRelax phase I. Q(w) is computed once per step per layer.
 """
@@ -19,18 +16,59 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import ContextManager, Protocol
 
 import torch
 from torch import nn
 
 from qtrain.errors import ConfigError
-from qtrain.quant import QuantReLU
+from qtrain.quant import QuantReLU, clamp_learned_alphas, scale_alpha_gradients
 
 log = logging.getLogger("qtrain")
 
 
+class Method(Protocol):
+    """What the loop calls, and when. For every batch::
+
+        method.prepare_forward()     # u := surrogate(w), installed into the quantized parameters
+        loss = task.loss(model(x), y)
+        loss.backward()              # the gradient at u (the coarse gradient)
+        method.before_step()         # w restored (BCGD: w <- (1-rho) w + rho Q(w)); learned alphas'
+                                     # gradients scaled and clipped
+        optimizer.step()             # updates w (and the learned alphas)
+        method.after_step()          # learned alphas clamped to their range
+
+    Around each epoch: ``on_epoch_start(epoch)`` before its first batch, and ``on_epoch_end(epoch)``
+    after its evaluations, returning scalars to log. The epoch's test numbers are measured inside
+    each context of ``evaluations()``. ``state_dict`` / ``load_state_dict`` carry the method's own
+    state in every checkpoint, so a resumed run continues exactly.
+    """
+
+    name: str
+
+    def attach(self, model: nn.Module, quantizer=None, names=()) -> None:
+        """Take the model (its ``names`` weights quantized by ``quantizer``) before training starts."""
+
+    def prepare_forward(self) -> None: ...
+
+    def before_step(self) -> None: ...
+
+    def after_step(self) -> None: ...
+
+    def on_epoch_start(self, epoch: int) -> None: ...
+
+    def on_epoch_end(self, epoch: int) -> dict: ...
+
+    def evaluations(self) -> list[tuple[str, ContextManager]]:
+        """(tag prefix, context) pairs; 'test' is the reported number."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 class Float:
-    """No weight quantization: u = w."""
+    """No weight quantization: u = w. The base of the other methods (learned alphas, logging)."""
 
     name = "float"
 
@@ -44,10 +82,12 @@ class Float:
         pass
 
     def before_step(self):
-        pass
+        # here, not in a gradient hook: in a data-parallel run the clip must act on the gradient of the
+        # whole batch, after DistributedDataParallel has averaged the ranks' ones
+        scale_alpha_gradients(self.model)
 
     def after_step(self):
-        pass
+        clamp_learned_alphas(self.model)
 
     def on_epoch_start(self, epoch: int) -> None:
         self.epoch = epoch
@@ -102,8 +142,13 @@ class STE(Float):
             q.copy_(self.quantizer(p))
             p.copy_(self.surrogate(latent, q))
 
-    @torch.no_grad()
     def before_step(self):
+        self.restore_latent()
+        super().before_step()
+
+    @torch.no_grad()
+    def restore_latent(self):
+        """The optimizer steps w, not u: put the latent weights back (BCGD blends them first)."""
         for p, latent in zip(self.params, self._latent):
             p.copy_(latent)
 
@@ -221,7 +266,7 @@ class BCGD(STE):
         self.rho = rho
 
     @torch.no_grad()
-    def before_step(self):
+    def restore_latent(self):
         for p, latent, q in zip(self.params, self._latent, self._q):
             p.copy_(latent.mul_(1 - self.rho).add_(q, alpha=self.rho))
 

@@ -19,6 +19,7 @@ import logging
 import platform
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,11 +38,11 @@ from qtrain.lifecycle import (
     remove_stale_temporaries,
 )
 from qtrain.parallel import launcher
-from qtrain.parallel.ranks import REPEAT_WINDOW_S, current_ranks, device_of
+from qtrain.parallel.ranks import REPEAT_WINDOW_S, Ranks, current_ranks, device_of
 from qtrain.resume import FINGERPRINT_FILE, choose_resume, fingerprint, identity, identity_hash, resume_state
 from qtrain.schedule import scale_schedule
 from qtrain.summary import distinct_values, format_summary, model_summary
-from qtrain.train import DivergenceWatch, NonFinite, fit
+from qtrain.train import DivergenceWatch, NonFinite, Plan, Training, fit
 from qtrain.validate import validate
 
 log = logging.getLogger("qtrain")
@@ -130,6 +131,42 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+@dataclass
+class RunSpec:
+    """One run as :func:`train_run` settled it, before anything is built: ``cfg`` with its
+    schedule_scale applied, ``given`` as it came; ``ident``/``fingerprint`` of ``given``."""
+
+    cfg: DictConfig
+    given: DictConfig
+    run_dir: Path
+    resume_dir: Path | None
+    init_path: str | None
+    device: torch.device
+    ident: dict
+    fingerprint: str
+    code: dict
+    choices: dict
+    ranks: Ranks
+
+    @property
+    def resolved(self) -> dict:
+        return OmegaConf.to_container(self.cfg, resolve=True)
+
+
+@dataclass
+class StartPoint:
+    """Where training starts: epoch 0, or where the run's last checkpoint left it."""
+
+    epoch: int = 0
+    best: dict | None = None
+    elapsed_before: float = 0.0
+    partial: dict | None = None
+
+    @property
+    def resumed(self) -> bool:
+        return self.epoch > 0 or self.partial is not None
+
+
 def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, choices: dict | None = None) -> dict:
     """Train one configuration in ``run_dir`` (or continue ``resume_dir``); returns result.json's dict.
 
@@ -143,103 +180,115 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
     device = device_of(ranks, pick_device(cfg.device))
     ident = ranks.decide(identity, cfg)  # of the config as given (schedule_scale included, not yet applied)
     fp = identity_hash(ident)  # (not fingerprint(cfg): that would hash the dataset's files a second time)
-    # the float model gets the same schedule_scale, applied to the float recipe
     if cfg.init not in (None, "float"):
         check_init_file(str(cfg.init))
+    # the float model gets the run's schedule_scale, unless pretrain.schedule_scale gives it its own
     init_path = str(float_checkpoint(cfg)) if cfg.init == "float" else cfg.init
-    given, cfg = cfg, scale_schedule(cfg)
+    spec = RunSpec(scale_schedule(cfg), cfg, run_dir, resume_dir, init_path, device, ident, fp, code, choices or {},
+                   ranks)
     seed_everything(cfg.seed)
     with ranks.main_only(RunLock(run_dir)), ranks.main_only(LogAlsoInto(run_dir)):
         for tmp in remove_stale_temporaries(run_dir) if ranks.is_main else ():
             log.info("removed %s, a temporary file left by a process that died", tmp)
-        return _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp, code, choices, ranks)
+        return _train_locked(spec)
 
 
-
-
-
-def _train_locked(cfg, given, run_dir, resume_dir, init_path, device, ident, fp, code, choices, ranks) -> dict:
-    data, model, method, optimizer, scheduler, task, names = build(cfg, device)
-    if init_path:
-        load_init(model, init_path)
-    summary = model_summary(model, names, cfg.wbits, cfg.abits, data.input_shape)
+def _train_locked(spec: RunSpec) -> dict:
+    cfg, ranks = spec.cfg, spec.ranks
+    built = build(cfg, spec.device)
+    if spec.init_path:
+        load_init(built.model, spec.init_path)
+    summary = model_summary(built.model, built.quantized, cfg.wbits, cfg.abits, built.data.input_shape)
     log.info("model summary\n%s", format_summary(summary))
-
-    start_epoch, best, elapsed_before, partial = 0, None, 0.0, None
-    if resume_dir is not None and checkpoint.has_checkpoint(run_dir / "checkpoints" / "last.pt"):
-        state = resume_state(run_dir, ident)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        method.load_state_dict(state["method"])
-        record.set_rng_state(state["rng"])
-        start_epoch, best, elapsed_before = state["epoch"], state["best"], state.get("elapsed_s", 0.0)
-        partial = state.get("partial")
-        where = f"epoch {start_epoch + 1}, after batch {partial['batches']}" if partial else f"after epoch {start_epoch}"
-        log.info("resuming %s %s", run_dir, where)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
-    train_model = ranks.wrap(model, device, cfg.get("sync_bn", False))  # DistributedDataParallel (devices > 1)
+    start = _restore(spec, built)
+    resolved = spec.resolved
+    train_model = ranks.wrap(built.model, spec.device, cfg.get("sync_bn", False))  # DistributedDataParallel (devices > 1)
     train_model = torch.compile(train_model) if cfg.compile else train_model
-    eval_model = train_model if ranks.world == 1 else model
+    training = Training(train_model, built.method, built.optimizer, built.task, spec.device, built.scheduler,
+                        amp_dtype=torch.bfloat16 if cfg.precision == "bf16" else None,
+                        sched_interval=cfg.sched.get("interval", "epoch"), ranks=ranks,
+                        eval_model=train_model if ranks.world == 1 else built.model)
+    plan = Plan(cfg.epochs, start.epoch, start.partial, cfg.stop_after_epoch, cfg.progress and ranks.is_main,
+                cfg.get("log_every_n_steps", 0) or 0)
     started = time.time()
-
-    def checkpoint_state(epoch, best_now):
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "method": method.state_dict(), "epoch": epoch,
-                "best": dict(best_now), "rng": record.rng_state(), "config": resolved, "identity": ident,
-                "threads": torch.get_num_threads(), "elapsed_s": elapsed_before + time.time() - started}
-
-    if ranks.is_main:  # rank 0 alone writes (qtrain/parallel/ranks.py)
-        (run_dir / FINGERPRINT_FILE).write_text(fp + "\n")
-        done_steps = start_epoch * len(data.train) + (partial["batches"] if partial else 0)
-        recorder = record.Recorder(run_dir, checkpoint_state, start_epoch, best, start_step=done_steps)
-        recorder.log_config(resolved, overrides_of(run_dir))
-    else:
-        recorder = record.NullRecorder()
-    watch = DivergenceWatch(model.named_parameters(), device, ranks=ranks)
+    recorder = _recorder(spec, built, start, started, resolved)
+    watch = DivergenceWatch(built.model.named_parameters(), spec.device, ranks=ranks)
     try:
         with StopSignals(repeat_window=REPEAT_WINDOW_S if ranks.world > 1 else 0) as stop:
-            outcome = fit(train_model, method, optimizer, scheduler, data, task, recorder, epochs=cfg.epochs,
-                          start_epoch=start_epoch, device=device, amp_dtype=amp_dtype,
-                          stop_after_epoch=cfg.stop_after_epoch, progress=cfg.progress and ranks.is_main,
-                          partial=partial, stop=stop, watch=watch, sched_interval=cfg.sched.get("interval", "epoch"),
-                          log_every=cfg.get("log_every_n_steps", 0) or 0, eval_model=eval_model, ranks=ranks)
+            outcome = fit(training, built.data, recorder, plan, stop=stop, watch=watch)
     except NonFinite as e:
-        last_good = recorder.rows[-1]["epoch"] if recorder.rows else 0
-        where = {"epoch": e.epoch, "step": e.step, "what": e.what}
-        recorder.write_result({"status": "diverged", "diverged_at": where, "last_good_epoch": last_good,
-                               "run_dir": str(run_dir), **code, "config": resolved})
-        kept = (f"checkpoints/last.pt still holds epoch {last_good}" if last_good else
-                "no checkpoint was written (it diverged in its first epoch)")
-        raise Diverged(f"The run diverged: {e.what} became non-finite (NaN or inf) in epoch {e.epoch}, "
-                       f"{'at' if e.exact else 'by'} step {e.step}. Training stopped; nothing of that epoch was "
-                       f"saved, and {kept}. result.json in {run_dir} says status 'diverged'. Usual causes: a "
-                       f"learning rate too high (optim.lr={cfg.optim.get('lr')}), a scheduler that grows it, or "
-                       "bad input values.", where) from None
+        raise _diverged(spec, recorder, e, resolved) from None
     finally:
         recorder.close()
     if outcome == "interrupted":
         where = recorder.stopped_at or "at the end of an epoch"
-        message = f"stopped by {stop.requested} {where}; checkpoint saved in {run_dir}."
+        message = f"stopped by {stop.requested} {where}; checkpoint saved in {spec.run_dir}."
         log.warning("%s", message)  # in the run's log too (the CLI prints it once more, with how to continue)
-        raise Interrupted(message, stop.exit_code, run_dir)
+        raise Interrupted(message, stop.exit_code, spec.run_dir)
     if outcome == "stopped":
-        return {"status": "stopped", "run_dir": str(run_dir)}
+        return {"status": "stopped", "run_dir": str(spec.run_dir)}
     if not ranks.is_main:
-        return {"status": "complete", "run_dir": str(run_dir)}
-    result = _result(cfg, given, recorder, model, method, names, summary, device, code, init_path, choices,
-                     resume_dir is not None and (start_epoch > 0 or partial is not None),
-                     elapsed_before + time.time() - started, run_dir,
-                     resolved)
+        return {"status": "complete", "run_dir": str(spec.run_dir)}
+    result = _result(spec, built, recorder, summary, start.resumed and spec.resume_dir is not None,
+                     start.elapsed_before + time.time() - started)
     recorder.write_result(result)
-    recorder.log_hparams(hparams_of(resolved, overrides_of(run_dir)),
+    recorder.log_hparams(hparams_of(resolved, overrides_of(spec.run_dir)),
                          {k: result[k] for k in ("final_test_acc", "best_test_acc", "final_test_loss",
                                                  "final_train_loss")})
     key = "acc" if result["final_test_acc"] is not None else "loss"
     log.info("done: final test %s %.6g, best %.6g (epoch %s), %.0f s", key, result[f"final_test_{key}"],
              result[f"best_test_{key}"], result["best_epoch"], result["wall_time_s"])
     return result
+
+
+def _restore(spec: RunSpec, built) -> StartPoint:
+    """The state of the run's last checkpoint put back into the objects (a resumed run), or epoch 0."""
+    if spec.resume_dir is None or not checkpoint.has_checkpoint(spec.run_dir / "checkpoints" / "last.pt"):
+        return StartPoint()
+    state = resume_state(spec.run_dir, spec.ident)
+    built.model.load_state_dict(state["model"])
+    built.optimizer.load_state_dict(state["optimizer"])
+    built.scheduler.load_state_dict(state["scheduler"])
+    built.method.load_state_dict(state["method"])
+    record.set_rng_state(state["rng"])
+    start = StartPoint(state["epoch"], state["best"], state.get("elapsed_s", 0.0), state.get("partial"))
+    where = f"epoch {start.epoch + 1}, after batch {start.partial['batches']}" if start.partial \
+        else f"after epoch {start.epoch}"
+    log.info("resuming %s %s", spec.run_dir, where)
+    return start
+
+
+def _recorder(spec: RunSpec, built, start: StartPoint, started: float, resolved: dict):
+    """Rank 0's record of the run (metrics, TensorBoard, checkpoints); nothing on the other ranks."""
+    if not spec.ranks.is_main:  # rank 0 alone writes (qtrain/parallel/ranks.py)
+        return record.NullRecorder()
+
+    def checkpoint_state(epoch, best_now):
+        return {"model": built.model.state_dict(), "optimizer": built.optimizer.state_dict(),
+                "scheduler": built.scheduler.state_dict(), "method": built.method.state_dict(), "epoch": epoch,
+                "best": dict(best_now), "rng": record.rng_state(), "config": resolved, "identity": spec.ident,
+                "threads": torch.get_num_threads(), "elapsed_s": start.elapsed_before + time.time() - started}
+
+    (spec.run_dir / FINGERPRINT_FILE).write_text(spec.fingerprint + "\n")
+    done_steps = start.epoch * len(built.data.train) + (start.partial["batches"] if start.partial else 0)
+    recorder = record.Recorder(spec.run_dir, checkpoint_state, start.epoch, start.best, start_step=done_steps)
+    recorder.log_config(resolved, overrides_of(spec.run_dir))
+    return recorder
+
+
+def _diverged(spec: RunSpec, recorder, e: NonFinite, resolved: dict) -> Diverged:
+    """result.json says 'diverged' (where, and which epoch the checkpoint holds); the error says so too."""
+    last_good = recorder.rows[-1]["epoch"] if recorder.rows else 0
+    where = {"epoch": e.epoch, "step": e.step, "what": e.what}
+    recorder.write_result({"status": "diverged", "diverged_at": where, "last_good_epoch": last_good,
+                           "run_dir": str(spec.run_dir), **spec.code, "config": resolved})
+    kept = (f"checkpoints/last.pt still holds epoch {last_good}" if last_good else
+            "no checkpoint was written (it diverged in its first epoch)")
+    return Diverged(f"The run diverged: {e.what} became non-finite (NaN or inf) in epoch {e.epoch}, "
+                    f"{'at' if e.exact else 'by'} step {e.step}. Training stopped; nothing of that epoch was "
+                    f"saved, and {kept}. result.json in {spec.run_dir} says status 'diverged'. Usual causes: a "
+                    f"learning rate too high (optim.lr={spec.cfg.optim.get('lr')}), a scheduler that grows it, or "
+                    "bad input values.", where)
 
 
 def overrides_of(run_dir: Path) -> list[str]:
@@ -266,41 +315,42 @@ def hparams_of(resolved: dict, overrides: list[str]) -> dict:
     return {k: ("null" if v is None else v) for k, v in keys.items()}
 
 
-def _result(cfg, given, recorder, model, method, names, summary, device, code, init_path, choices, resumed,
-            wall_time, run_dir, resolved) -> dict:
-    with method.evaluations()[0][1]:
-        summary["distinct_weight_values"] = distinct_values(model, names)
+def _result(spec: RunSpec, built, recorder, summary: dict, resumed: bool, wall_time: float) -> dict:
+    cfg, resolved = spec.cfg, spec.resolved
+    with built.method.evaluations()[0][1]:
+        summary["distinct_weight_values"] = distinct_values(built.model, built.quantized)
     rows = recorder.rows
     last = rows[-1]
     speeds = sorted(r["train/images_per_s"] for r in rows if "train/images_per_s" in r)
+    best = recorder.best
     return {
         "status": "complete",
         "final_test_acc": last.get("test/acc"),
         "final_test_loss": last.get("test/loss"),
-        "best_test_acc": recorder.best["value"] if recorder.best["key"] == "test/acc" else None,
-        "best_test_loss": recorder.best["value"] if recorder.best["key"] == "test/loss" else None,
-        "best_epoch": recorder.best["epoch"],
+        "best_test_acc": best["value"] if best["key"] == "test/acc" else None,
+        "best_test_loss": best["value"] if best["key"] == "test/loss" else None,
+        "best_epoch": best["epoch"],
         "final_train_loss": last.get("train/loss"),
         "final_train_acc": last.get("train/acc"),
         "epochs": cfg.epochs,
         "schedule_scale": cfg.get("schedule_scale", 1),
-        "unscaled_epochs": given.epochs,
+        "unscaled_epochs": spec.given.epochs,
         "data_limited": cfg.data.get("limit_train") is not None or cfg.data.get("limit_test") is not None,
         "resumed": resumed,
         "wall_time_s": wall_time,
         "train_images_per_s": speeds[len(speeds) // 2],
-        "device": device_name(device),
-        "devices": current_ranks().world,
-        "sync_bn": bool(cfg.get("sync_bn", False)) and current_ranks().world > 1,
+        "device": device_name(spec.device),
+        "devices": spec.ranks.world,
+        "sync_bn": bool(cfg.get("sync_bn", False)) and spec.ranks.world > 1,
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
-        **code,
-        "init": init_path,
-        **({"float_start": float_start_record(Path(init_path))} if given.init == "float" else {}),
-        "choices": choices or {},
+        **spec.code,
+        "init": spec.init_path,
+        **({"float_start": float_start_record(Path(spec.init_path))} if spec.given.init == "float" else {}),
+        "choices": spec.choices,
         "paper": resolved.get("paper"),
         "model_summary": summary,
-        "run_dir": str(run_dir),
+        "run_dir": str(spec.run_dir),
         "config": resolved,
     }
 

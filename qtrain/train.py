@@ -13,11 +13,15 @@ import contextlib
 import logging
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from qtrain.parallel.ranks import SINGLE
+from qtrain.methods import Method
+from qtrain.parallel.ranks import SINGLE, Ranks
 
 log = logging.getLogger("qtrain")
 
@@ -125,58 +129,111 @@ class NonFinite(Exception):
         self.step, self.what, self.exact = step, what, exact
 
 
-def train_one_epoch(model, method, optimizer, loader, task, device, amp_dtype=None, bar=None, totals=None,
-                    watch=None, stop=None, step_scheduler=None, step_log=None, ranks=SINGLE) -> dict:
+@dataclass
+class Training:
+    """The objects the loop works with (qtrain/run/build.py makes them from the config).
+
+    ``model`` is what is stepped (DistributedDataParallel around the model in a data-parallel run) and
+    ``eval_model`` what is evaluated (default: ``model``). ``scheduler`` is stepped after every
+    optimizer step when ``sched_interval`` is "step", after every epoch otherwise."""
+
+    model: nn.Module
+    method: Method
+    optimizer: torch.optim.Optimizer
+    task: Classification | Regression
+    device: torch.device
+    scheduler: object = None
+    amp_dtype: torch.dtype | None = None
+    sched_interval: str = "epoch"
+    ranks: Ranks = SINGLE
+    eval_model: nn.Module | None = None
+
+
+@dataclass
+class Plan:
+    """How far the loop goes: epochs ``start_epoch`` (inside it from ``partial``, a mid-epoch
+    checkpoint's sums) to ``epochs``, or until ``stop_after_epoch``. ``log_every``: train/loss_step and
+    train/lr_step every N optimizer steps of the run (0: off)."""
+
+    epochs: int
+    start_epoch: int = 0
+    partial: dict | None = None
+    stop_after_epoch: int | None = None
+    progress: bool = True
+    log_every: int = 0
+
+
+@dataclass
+class StepLog:
+    """Call ``fn(step, loss)`` at every ``every``-th optimizer step of the run; the steps before this
+    epoch's first batch are ``first_step`` (a host sync at each logged step only)."""
+
+    every: int
+    first_step: int
+    fn: Callable[[int, torch.Tensor], None]
+
+    def after(self, batches: int, loss: torch.Tensor) -> None:
+        step = self.first_step + batches
+        if step % self.every == 0:
+            self.fn(step, loss.detach())
+
+
+def train_one_epoch(t: Training, loader, *, bar=None, totals=None, watch=None, stop=None,
+                    step_log: StepLog | None = None) -> dict:
     """One pass over ``loader`` (from wherever it was set to start). ``totals`` carries a resumed
     epoch's sums; ``stop.requested`` (a signal) ends the epoch after the current step, and the
-    result then says ``partial``. ``step_scheduler`` is stepped after every optimizer step;
-    ``step_log = (every, fn)`` calls fn(batches done, loss) every ``every`` steps (a host sync each)."""
-    model.train()
-    totals = totals or EpochTotals(device, ranks=ranks)
+    result then says ``partial``."""
+    t.model.train()
+    totals = totals or EpochTotals(t.device, ranks=t.ranks)
     start, first = time.perf_counter(), totals.n
     last_draw = start
+    step_scheduler = t.scheduler if t.sched_interval == "step" else None
     for x, y in loader:
-        method.prepare_forward()
-        with _autocast(device, amp_dtype):
-            out = model(x)
-            loss = task.loss(out, y)
-        optimizer.zero_grad(set_to_none=True)
+        t.method.prepare_forward()
+        with _autocast(t.device, t.amp_dtype):
+            out = t.model(x)
+            loss = t.task.loss(out, y)
+        t.optimizer.zero_grad(set_to_none=True)
         # 1, except for a data-parallel run's uneven last batch (data.loss_weight)
         weight = loader.loss_weight(totals.batches) if hasattr(loader, "loss_weight") else 1
         (loss if weight == 1 else loss * weight).backward()
-        method.before_step()
-        optimizer.step()
-        method.after_step()
+        t.method.before_step()
+        t.optimizer.step()
+        t.method.after_step()
         if step_scheduler is not None:
             step_scheduler.step()
 
-        totals.add(loss.detach(), task.correct(out.detach(), y), len(y))
+        totals.add(loss.detach(), t.task.correct(out.detach(), y), len(y))
         if watch is not None:
             watch.after_step(totals.batches - 1, loss)
-        if step_log is not None and totals.batches % step_log[0] == 0:
-            step_log[1](totals.batches, loss.detach())
+        if step_log is not None:
+            step_log.after(totals.batches, loss)
         if bar is not None and (time.perf_counter() - last_draw > 1.0 or totals.batches == len(loader)):
             last_draw = time.perf_counter()  # redraw about once a second: each redraw is a host sync
-            stats = totals.local_summary()
-            post = {"loss": f"{stats['loss']:.4f}"}
-            if stats["acc"] is not None:
-                post["acc"] = f"{stats['acc']:.2f}"
-            post["img/s"] = f"{(totals.n - first) / (last_draw - start):.0f}"
-            bar.set_postfix(post, refresh=False)
-            bar.update(totals.batches - bar.n)
-        if ranks.stop_signal(stop):
+            _show(bar, totals, (totals.n - first) / (last_draw - start))
+        if t.ranks.stop_signal(stop):
             break
     if watch is not None:
         watch.check(totals.batches - 1)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if t.device.type == "cuda":
+        torch.cuda.synchronize(t.device)
     seconds = time.perf_counter() - start
     totals.seconds += seconds  # the epoch's time so far, of this process and any before it (a resumed epoch)
     partial = totals.batches < len(loader)
-    (images,) = ranks.sum(totals.n - first)  # of all ranks: the run's throughput
+    (images,) = t.ranks.sum(totals.n - first)  # of all ranks: the run's throughput
     # images/s is of this process's part of the epoch: a rate, so a resumed epoch's is still a fair one
     return {**totals.summary(), "images_per_s": images / max(seconds, 1e-9), "seconds": totals.seconds,
             "partial": partial, "totals": totals}
+
+
+def _show(bar, totals: EpochTotals, images_per_s: float) -> None:
+    stats = totals.local_summary()
+    post = {"loss": f"{stats['loss']:.4f}"}
+    if stats["acc"] is not None:
+        post["acc"] = f"{stats['acc']:.2f}"
+    post["img/s"] = f"{images_per_s:.0f}"
+    bar.set_postfix(post, refresh=False)
+    bar.update(totals.batches - bar.n)
 
 
 @torch.no_grad()
@@ -212,31 +269,26 @@ def _progress_bar(enabled: bool, epoch: int, epochs: int, total: int, done: int 
                 "{elapsed}<{remaining}{postfix}")
 
 
-def fit(model, method, optimizer, scheduler, data, task, recorder, *, epochs, start_epoch=0, device,
-        amp_dtype=None, stop_after_epoch=None, progress=True, partial=None, stop=None, watch=None,
-        sched_interval="epoch", log_every=0, eval_model=None, ranks=SINGLE) -> str:
-    """Train from ``start_epoch`` to ``epochs``. Returns "complete", "stopped" (``stop_after_epoch``:
+def fit(t: Training, data, recorder, plan: Plan, *, stop=None, watch=None) -> str:
+    """Train ``plan.start_epoch`` to ``plan.epochs``. Returns "complete", "stopped" (``stop_after_epoch``:
     a budgeted run, resumable) or "interrupted" (``stop.requested``: a signal; a checkpoint at
-    the current step was saved). ``partial`` resumes inside epoch ``start_epoch``. A non-finite
-    loss or weight raises :class:`NonFinite` (nothing is saved for that epoch). ``eval_model`` is
-    what is evaluated (default ``model``; the model inside DistributedDataParallel)."""
-    eval_model = model if eval_model is None else eval_model
-    for epoch in range(start_epoch, epochs):
+    the current step was saved). A non-finite loss or weight raises :class:`NonFinite` (nothing is
+    saved for that epoch)."""
+    partial = plan.partial
+    for epoch in range(plan.start_epoch, plan.epochs):
         first_batch = partial["batches"] if partial else 0
         data.train.set_epoch(epoch, first_batch)
-        method.on_epoch_start(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        bar = _progress_bar(progress, epoch, epochs, len(data.train), first_batch)
-        totals = EpochTotals(device, **ranks.partial_totals(partial), ranks=ranks) if partial else None
+        t.method.on_epoch_start(epoch)
+        lr = t.optimizer.param_groups[0]["lr"]
+        totals = EpochTotals(t.device, **t.ranks.partial_totals(partial), ranks=t.ranks) if partial else None
         partial = None
         step_log = None
-        if log_every:
-            base = epoch * len(data.train)
-            step_log = (log_every, lambda i, loss, base=base: recorder.log_step(
-                base + i, {"train/loss_step": float(loss), "train/lr_step": optimizer.param_groups[0]["lr"]}))
+        if plan.log_every:  # every N optimizer steps of the run (a resumed one continues the count)
+            step_log = StepLog(plan.log_every, epoch * len(data.train), lambda step, loss: recorder.log_step(
+                step, {"train/loss_step": float(loss), "train/lr_step": t.optimizer.param_groups[0]["lr"]}))
+        bar = _progress_bar(plan.progress, epoch, plan.epochs, len(data.train), first_batch)
         try:
-            train = train_one_epoch(model, method, optimizer, data.train, task, device, amp_dtype, bar, totals,
-                                    watch, stop, scheduler if sched_interval == "step" else None, step_log, ranks)
+            train = train_one_epoch(t, data.train, bar=bar, totals=totals, watch=watch, stop=stop, step_log=step_log)
         except NonFinite as e:
             e.epoch = epoch + 1
             raise
@@ -246,25 +298,33 @@ def fit(model, method, optimizer, scheduler, data, task, recorder, *, epochs, st
         if train["partial"]:
             recorder.save_partial(epoch, train["totals"].state())
             return "interrupted"
-        if sched_interval == "epoch":
-            scheduler.step()
+        if t.sched_interval == "epoch":
+            t.scheduler.step()
         scalars = {"train/loss": train["loss"], "train/acc": train["acc"], "lr": lr,
                    "train/images_per_s": train["images_per_s"], "train/epoch_seconds": train["seconds"]}
-        ranks.sync_buffers(eval_model)  # every rank evaluates rank 0's model, the one checkpointed
-        for prefix, context in method.evaluations():
-            bar = _progress_bar(progress, epoch, epochs, len(data.test), what=prefix)
-            try:
-                with context:
-                    result = evaluate(eval_model, data.test, task, device, amp_dtype, bar, ranks)
-            finally:
-                if bar is not None:
-                    bar.close()
-            scalars[f"{prefix}/loss"], scalars[f"{prefix}/acc"] = result["loss"], result["acc"]
-        scalars.update(method.on_epoch_end(epoch))
+        scalars.update(evaluate_epoch(t, data.test, plan, epoch))
+        scalars.update(t.method.on_epoch_end(epoch))
         recorder.end_epoch(epoch + 1, {k: v for k, v in scalars.items() if v is not None})
-        if ranks.stop_signal(stop):
+        if t.ranks.stop_signal(stop):
             return "interrupted"
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < epochs:
+        if plan.stop_after_epoch is not None and plan.stop_after_epoch <= epoch + 1 < plan.epochs:
             log.info("stopping after epoch %d as asked (stop_after_epoch); resume with resume=true", epoch + 1)
             return "stopped"
     return "complete"
+
+
+def evaluate_epoch(t: Training, loader, plan: Plan, epoch: int) -> dict:
+    """The epoch's test numbers, in every context of the method's ``evaluations()``."""
+    eval_model = t.model if t.eval_model is None else t.eval_model
+    t.ranks.sync_buffers(eval_model)  # every rank evaluates rank 0's model, the one checkpointed
+    scalars = {}
+    for prefix, context in t.method.evaluations():
+        bar = _progress_bar(plan.progress, epoch, plan.epochs, len(loader), what=prefix)
+        try:
+            with context:
+                result = evaluate(eval_model, loader, t.task, t.device, t.amp_dtype, bar, t.ranks)
+        finally:
+            if bar is not None:
+                bar.close()
+        scalars[f"{prefix}/loss"], scalars[f"{prefix}/acc"] = result["loss"], result["acc"]
+    return scalars

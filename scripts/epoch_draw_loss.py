@@ -58,7 +58,8 @@ def draw_losses(overrides: list[str], epochs: list[int]):
         raise QtrainError("give init=<checkpoint>: the model whose loss on each epoch's draw is measured.")
     seed_everything(cfg.seed)
     device = pick_device("cpu")
-    data, model, method, _, _, task, _ = build(cfg, device)
+    built = build(cfg, device)
+    data, model, method, task = built.data, built.model, built.method, built.task
     load_init(model, str(cfg.init))
     start = copy.deepcopy(model.state_dict())
     for epoch in epochs:

@@ -43,7 +43,8 @@ def quantized_start(overrides: list[str]) -> dict:
         raise QtrainError(f"{run_dir}: no finished float model for this cell. Run the cell (it trains the float model "
                           "first) or check out_dir= and the cell's overrides.")
     device = pick_device("cpu")
-    data, model, method, _, _, task, _ = build(cfg, device)
+    built = build(cfg, device)
+    data, model, method, task = built.data, built.model, built.method, built.task
     load_init(model, str(ckpt))
     name, context = method.evaluations()[0]  # what the run logs as test/acc
     with context:

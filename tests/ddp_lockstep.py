@@ -75,7 +75,7 @@ def worker(rank: int, world: int, port: int, cases: dict, out: str) -> None:
     torch.set_num_threads(1)
     from qtrain import build
     from qtrain.parallel import ranks as distributed
-    from qtrain.train import Classification, train_one_epoch
+    from qtrain.train import Classification, Training, train_one_epoch
 
     ranks = distributed.join(120)
     cpu = torch.device("cpu")
@@ -84,12 +84,14 @@ def worker(rank: int, world: int, port: int, cases: dict, out: str) -> None:
         for name, overrides in cases.items():
             cfg = _config(overrides)
             build.seed_everything(cfg.seed)
-            data, model, method, opt, sched, task, _ = build.build(cfg, cpu)  # this rank's shard
+            own = build.build(cfg, cpu)  # this rank's shard
+            data, model, method, opt, sched = own.data, own.model, own.method, own.optimizer, own.scheduler
             ddp = ranks.wrap(model, cpu, sync_bn=True)
             if ranks.is_main:  # the single-process copy, with the whole batch
                 distributed._current = distributed.SINGLE
                 build.seed_everything(cfg.seed)
-                r_data, r_model, r_method, r_opt, r_sched, _, _ = build.build(cfg, cpu)
+                r = build.build(cfg, cpu)
+                r_data, r_model, r_method, r_opt, r_sched = r.data, r.model, r.method, r.optimizer, r.scheduler
                 distributed._current = ranks
             worst, per_step, ranks_agree = (0.0, ""), [], True
             for epoch in range(cfg.epochs):
@@ -106,14 +108,14 @@ def worker(rank: int, world: int, port: int, cases: dict, out: str) -> None:
                         # deep copies: load_state_dict would share the momentum buffers themselves
                         r_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
                         r_method.load_state_dict(copy.deepcopy(method.state_dict()))
-                    train_one_epoch(ddp, method, opt, OneBatch(next(batches), data.train.loss_weight(b)),
-                                    Classification(), cpu, ranks=ranks)
+                    train_one_epoch(Training(ddp, method, opt, Classification(), cpu, ranks=ranks),
+                                    OneBatch(next(batches), data.train.loss_weight(b)))
                     digests = [None] * world
                     torch.distributed.all_gather_object(digests, _digest(model, method))
                     ranks_agree = ranks_agree and len(set(digests)) == 1
                     if ranks.is_main:
-                        train_one_epoch(r_model, r_method, r_opt, OneBatch(next(r_batches), 1.0), Classification(),
-                                        cpu)
+                        train_one_epoch(Training(r_model, r_method, r_opt, Classification(), cpu),
+                                        OneBatch(next(r_batches), 1.0))
                         diff = _max_difference(model.state_dict(), r_model.state_dict())
                         worst = max(worst, diff)
                         per_step.append(diff[0])

@@ -47,9 +47,9 @@ def test_methods_optimizers_schedulers_build(make_cfg, mnist_root, method, optim
     wbits = "null" if method == "float" else "1"
     cfg = make_cfg(f"method={method}", f"optim={optim}", f"sched={sched}", f"wbits={wbits}",
                    f"data.root={mnist_root}", "data.limit_train=64", "data.limit_test=64")
-    data, model, m, opt, sch, task, names = build(cfg, torch.device("cpu"))
-    assert m.name == method and isinstance(opt, torch.optim.Optimizer)
-    assert bool(names) == (method != "float")
+    built = build(cfg, torch.device("cpu"))
+    assert built.method.name == method and isinstance(built.optimizer, torch.optim.Optimizer)
+    assert bool(built.quantized) == (method != "float")
 
 
 @pytest.mark.parametrize("data", options("data"))
@@ -60,7 +60,8 @@ def test_every_dataset_builds(make_cfg, mnist_root, fake_cifar_root, fake_imagen
              "npz": ["data.file=cifar10.npz", "data.num_classes=10"]}.get(data, [])
     cfg = make_cfg(f"data={data}", f"model={model}", f"data.root={root}", "data.limit_train=8", "data.limit_test=8",
                    *extra)
-    bundle, net, *_ = build(cfg, torch.device("cpu"))
+    built = build(cfg, torch.device("cpu"))
+    bundle, net = built.data, built.model
     x, y = next(iter(bundle.train))
     assert tuple(x.shape[1:]) == tuple(bundle.input_shape) and len(y) == len(x)
     out = net(x)

@@ -65,7 +65,7 @@ def test_alpha_gradient_scaled_and_clipped():
     act = QuantReLU(2, 0.5, "clipped_relu", learn_alpha=True)  # defaults: x0.01, clip to [-1, 1]
     act(torch.full((1000,), 2.0)).sum().backward()  # raw gradient 3000
     assert act.alpha.grad.item() == pytest.approx(3000.0)
-    scale_alpha_gradients(act)  # before the optimizer step (build.build registers it)
+    scale_alpha_gradients(act)  # before the optimizer step (every method's before_step calls it)
     assert act.alpha.grad.item() == pytest.approx(1.0)
 
 

@@ -34,6 +34,23 @@ def test_tensorboard_tags(make_cfg, mnist_root, tmp_path):
     assert "config/text_summary" in ea.Tags()["tensors"]
 
 
+def test_step_logging_counts_the_runs_optimizer_steps_across_epochs_and_a_resume(make_cfg, mnist_root, tmp_path):
+    """log_every_n_steps=5 with 8 steps an epoch: steps 5, 10, 15, 20 of the run (not 5 of each epoch), and
+    a run stopped after epoch 1 and resumed continues the count."""
+    cfg = make_cfg("epochs=3", "data.limit_train=256", "data.limit_test=32", "data.batch_size=32",
+                   f"data.root={mnist_root}", "log_every_n_steps=5")
+    train_run(cfg, tmp_path / "whole")
+    assert [e.step for e in scalars(tmp_path / "whole", "steps").Scalars("train/loss_step")] == [5, 10, 15, 20]
+    cfg.stop_after_epoch = 1
+    train_run(cfg, tmp_path / "part")
+    cfg.stop_after_epoch = None
+    train_run(cfg, tmp_path / "part", resume_dir=tmp_path / "part")
+    resumed = scalars(tmp_path / "part", "steps").Scalars("train/loss_step")
+    assert [e.step for e in resumed] == [5, 10, 15, 20]
+    whole = scalars(tmp_path / "whole", "steps").Scalars("train/loss_step")
+    assert [e.value for e in resumed] == [e.value for e in whole]  # the same losses at the same steps
+
+
 @pytest.mark.parametrize("sched", ["onecycle", "cosine_warmup"])
 def test_per_step_schedule_moves_within_an_epoch_and_resumes_exactly(make_cfg, mnist_root, tmp_path, sched):
     extra = ["sched.warmup_steps=3"] if sched == "cosine_warmup" else []
@@ -79,6 +96,7 @@ def test_progress_bar_shows_loss_acc_img_s_in_that_order(monkeypatch):
     clock = iter(range(0, 1000, 2))  # every step is "2 s later": a redraw each step
     monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
     bar = Bar()
-    train.train_one_epoch(model, method, torch.optim.SGD(model.parameters(), lr=0.1), loader,
-                          train.Classification(), torch.device("cpu"), bar=bar)
+    t = train.Training(model, method, torch.optim.SGD(model.parameters(), lr=0.1), train.Classification(),
+                       torch.device("cpu"))
+    train.train_one_epoch(t, loader, bar=bar)
     assert bar.posts and all(p == ["loss", "acc", "img/s"] for p in bar.posts) and bar.n == 5
