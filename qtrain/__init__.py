@@ -15,6 +15,6 @@ def load_checkpoint(path):
     function loads with ``weights_only=False`` - only use it on checkpoints you trust, as with any
     pickle - and then checks the content against the SHA-256 stored in it.
     """
-    from qtrain.checkpoint import load
+    from qtrain.store.checkpoint import load
 
     return load(path)

@@ -20,9 +20,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from qtrain.errors import EXIT_BAD_INPUT, EXIT_FAILED, Interrupted, QtrainError
-from qtrain.lifecycle import quit_on_signals_outside_training, unique_dir
+from qtrain.keys import CONFIG_DIR
+from qtrain.run import sweep_summary
+from qtrain.run.lifecycle import quit_on_signals_outside_training, unique_dir
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 log = logging.getLogger("qtrain")
 _failed_jobs: list[str] = []  # filled by failing multirun jobs, reported when the sweep ends
 # run-directory names: w1a4, wfa2 (f = float)
@@ -53,9 +54,8 @@ def _unique_dir(path: str) -> str:
     Under torchrun, rank 0 creates the folder and every rank uses it."""
     try:
         if path not in _agreed:
-            from qtrain.parallel.ranks import (
-                current_ranks,  # (torch: not imported before it is needed)
-            )
+            # torch, imported only when it is needed
+            from qtrain.parallel.ranks import current_ranks
 
             _agreed[path] = current_ranks().decide(unique_dir, path)
         return _agreed[path]
@@ -79,7 +79,7 @@ def objective(result: dict | None, key: str) -> float:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
-    from qtrain.run import main_run  # imported here so that `qtrain --help` stays fast
+    from qtrain.run.runner import main_run  # imported here so that `qtrain --help` stays fast
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -115,9 +115,8 @@ def main() -> None:
              "folder: install it from a checkout with `pip install -e .` (or `make install`).")
         sys.exit(EXIT_BAD_INPUT)
     if _torchrun():  # one process of several: join the group before Hydra makes the run folder
-        from qtrain.parallel.launcher import (
-            join_torchrun,  # (torch: `qtrain --help` stays fast without it)
-        )
+        # torch: `qtrain --help` stays fast without it
+        from qtrain.parallel.launcher import join_torchrun
 
         try:
             join_torchrun(sys.argv)
@@ -133,8 +132,6 @@ def main() -> None:
             from qtrain.parallel.ranks import leave
 
             leave(finished)
-    from qtrain import sweep_summary
-
     if _failed_jobs:  # jobs that ran in this process: with their error messages
         print(f"qtrain: {len(_failed_jobs)} job(s) of the sweep failed:", file=sys.stderr)
         for line in _failed_jobs:

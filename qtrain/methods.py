@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from qtrain.errors import ConfigError
-from qtrain.quant import QuantReLU, clamp_learned_alphas, scale_alpha_gradients
+from qtrain.quant.act import QuantReLU, clamp_learned_alphas, scale_alpha_gradients
 
 log = logging.getLogger("qtrain")
 

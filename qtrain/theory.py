@@ -13,7 +13,7 @@ import math
 import torch
 
 from qtrain.models.twolayer import TwoLayer
-from qtrain.quant import ActLayer
+from qtrain.quant.act import ActLayer
 
 SQRT_2PI = math.sqrt(2 * math.pi)
 

@@ -1,4 +1,4 @@
-"""How close a data-parallel run is to a single-process one (README "Scaling out"), on the CPU.
+"""How close a data-parallel run is to a single-process one (docs/SCALING.md, "Scaling out"), on the CPU.
 
     python scripts/ddp_equivalence.py [DATA_ROOT]
 

@@ -50,7 +50,7 @@ def epoch_numbers(text: str) -> list[int]:
 
 def draw_losses(overrides: list[str], epochs: list[int]):
     """Yield one dict per epoch: the fixed model's training loss and accuracy on that epoch's draw."""
-    from qtrain.build import build, load_init, pick_device, seed_everything
+    from qtrain.run.build import build, load_init, pick_device, seed_everything
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)

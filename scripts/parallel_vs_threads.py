@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def bench(threads: int, out: Path, args) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "qtrain.bench", "--model", "resnet20", "--data", "cifar10", "--batch-size", "128",
+    cmd = [sys.executable, "-m", "qtrain.tools.bench", "--model", "resnet20", "--data", "cifar10", "--batch-size", "128",
            "--steps", str(args.steps), "--rounds", str(args.rounds), "--warmup", "2", "--no-data",
            "--threads", str(threads), "--variants", "float", args.variant, "--json", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}

@@ -27,11 +27,11 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
 def quantized_start(overrides: list[str]) -> dict:
-    from qtrain.build import build, load_init, pick_device
-    from qtrain.float_start import float_config
-    from qtrain.resume import fingerprint
-    from qtrain.run import float_run_dir
-    from qtrain.train import evaluate
+    from qtrain.run.build import build, load_init, pick_device
+    from qtrain.run.float_cache import float_run_dir
+    from qtrain.run.float_start import float_config
+    from qtrain.run.resume import fingerprint
+    from qtrain.train.loop import evaluate
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)

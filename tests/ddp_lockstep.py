@@ -6,7 +6,7 @@ copies the run's whole state (weights, batch-norm buffers, optimizer, method) in
 single-process copy, which takes the same global batch in one piece. After the step the two
 states are compared. Comparing step by step, from the same state, measures what data parallelism
 changes in one update -- float summation order only -- rather than how fast this (chaotic)
-training amplifies a difference in the last bit (see README "Scaling out").
+training amplifies a difference in the last bit (see docs/SCALING.md).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import os
 import sys
 
 import torch
-
 
 _proxy_calls = 0
 
@@ -54,7 +53,7 @@ def _config(overrides):
 
     import qtrain.cli  # noqa: F401  (registers the config's resolvers)
 
-    with initialize_config_dir(config_dir=str(qtrain.cli.CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(qtrain.keys.CONFIG_DIR), version_base="1.3"):
         return compose("config", overrides=overrides)
 
 
@@ -73,9 +72,9 @@ def _digest(model, method) -> str:
 def worker(rank: int, world: int, port: int, cases: dict, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    from qtrain import build
     from qtrain.parallel import ranks as distributed
-    from qtrain.train import Classification, Training, train_one_epoch
+    from qtrain.run import build
+    from qtrain.train.loop import Classification, Training, train_one_epoch
 
     ranks = distributed.join(120)
     cpu = torch.device("cpu")
@@ -140,7 +139,7 @@ def run_lockstep(cases: dict, out: str, port: int) -> dict:
         return json.load(f)
 
 
-if __name__ == "__main__":  # python -m tests.ddp_lockstep DATA_ROOT: the table in README "Scaling out"
+if __name__ == "__main__":  # python -m tests.ddp_lockstep DATA_ROOT: the table in docs/SCALING.md
     root = sys.argv[1]
     common = [f"data.root={root}", "data.limit_train=1301", "data.limit_test=100", "epochs=2", "channels_last=false"]
     cases = {"float": common + ["abits=null"], "ste": common + ["method=ste", "wbits=1"],

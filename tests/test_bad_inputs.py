@@ -103,7 +103,7 @@ def roots(tmp_path_factory):
     r["text_file"] = str(base / "notes.txt")
     r["a_folder"] = str(base / "good")
     from qtrain.models.lenet import LeNet5
-    from qtrain.quant import ActLayer
+    from qtrain.quant.act import ActLayer
 
     torch.save({"model": LeNet5(10, (1, 28, 28), ActLayer(), variant="caffe").state_dict()}, base / "caffe.pt")
     r["caffe_ckpt"] = str(base / "caffe.pt")

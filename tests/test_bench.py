@@ -2,7 +2,7 @@
 
 import json
 
-from qtrain import bench
+from qtrain.tools.bench import main as bench
 
 
 def test_bench_smoke(tmp_path, mnist_root, capsys):
@@ -20,7 +20,7 @@ def test_bench_smoke(tmp_path, mnist_root, capsys):
 
 
 def test_loader_benchmark_smoke(capsys):
-    from qtrain.bench_loader import bench_loaders, print_table
+    from qtrain.tools.bench.loader import bench_loaders, print_table
 
     rows = bench_loaders(workers_list=(0,), n=16, batch_size=8, rounds=1, image_size=32)
     assert rows[0]["qtrain_images_per_s"] > 0 and rows[0]["torchvision_images_per_s"] > 0

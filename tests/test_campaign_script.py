@@ -5,7 +5,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from qtrain.lifecycle import RunLock
+from qtrain.run.lifecycle import RunLock
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "cifar_campaign.sh"
 

@@ -93,7 +93,7 @@ def test_model_that_does_not_fit_the_data_is_one_clear_error(tmp_path, mnist_roo
 def test_git_dirty_means_the_source_changed_not_the_results(tmp_path):
     """result.json's git_dirty: a campaign snapshots finished runs into results/ while others train, which
     must not mark them dirty; an edit under qtrain/ or configs/ must."""
-    from qtrain.record import code_identity
+    from qtrain.store.record import code_identity
 
     def git(*args):
         subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],

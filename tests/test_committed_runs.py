@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qtrain.resume import FINGERPRINT_FILE, fingerprint
+from qtrain.run.resume import FINGERPRINT_FILE, fingerprint
 
 from .conftest import ROOT, real_data_root
 

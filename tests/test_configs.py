@@ -7,9 +7,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from qtrain.build import build, build_act_layer
-from qtrain.float_start import effective_pretrain, float_config
-from qtrain.resume import fingerprint, identity
+from qtrain.run.build import build, build_act_layer
+from qtrain.run.float_start import effective_pretrain, float_config
+from qtrain.run.resume import fingerprint, identity
 
 from .conftest import CONFIG_DIR
 

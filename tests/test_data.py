@@ -4,9 +4,10 @@ seeded; normalisation is the usual one; the MNIST reader gives the real dataset.
 import torch
 import torchvision.transforms.v2.functional as TF
 
-import qtrain.data
-
-from qtrain.data import STATS, TensorLoader, crop_flip, mnist
+import qtrain.data.loaders
+from qtrain.data import mnist
+from qtrain.data.builtin import STATS
+from qtrain.data.loaders import TensorLoader, crop_flip
 
 
 def test_crop_flip_matches_torchvision_per_sample():
@@ -29,7 +30,7 @@ def test_loader_draws_uniform_crops_and_fair_flips(monkeypatch):
         seen.append((dy, dx, flip))
         return crop_flip(x, dy, dx, flip, pad)
 
-    monkeypatch.setattr(qtrain.data, "crop_flip", recording_crop_flip)
+    monkeypatch.setattr(qtrain.data.loaders, "crop_flip", recording_crop_flip)
     x = torch.zeros(9000, 1, 8, 8, dtype=torch.uint8)
     loader = TensorLoader(x, torch.zeros(9000, dtype=torch.long), 1000, train=True, augment="crop_flip")
     batches = list(loader)
@@ -74,7 +75,7 @@ def test_real_mnist(mnist_root):
 def test_imagenet_loader_is_a_function_of_seed_and_epoch(fake_imagenet_root):
     """Same batches whatever the number of workers, different per epoch, and a mid-epoch start
     yields exactly the rest of the epoch (resume)."""
-    from qtrain.data_imagenet import imagenet
+    from qtrain.data.imagefolder import imagenet
 
     def epoch(workers, e, first=0):
         bundle = imagenet(fake_imagenet_root, batch_size=2, image_size=32, workers=workers, seed=3)

@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from qtrain.run import train_run
+from qtrain.run.runner import train_run
 
 
 def idx_bytes(arr):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qtrain.data import loss_weight, rank_slice
+from qtrain.data.loaders import loss_weight, rank_slice
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -69,7 +69,7 @@ def test_every_data_parallel_step_matches_the_single_process_step(mnist_root, tm
     from tests.ddp_lockstep import run_lockstep
 
     common = [f"data.root={mnist_root}", "data.limit_train=645", "data.limit_test=100", "epochs=2",
-              "channels_last=false"]  # (channels-last batch norm on the CPU rounds ~100x coarser: README)
+              "channels_last=false"]  # (channels-last batch norm on the CPU rounds ~100x coarser: docs/SCALING.md)
     cases = {"float": common + ["abits=null"], "ste": common + ["method=ste", "wbits=1"],
              "binaryrelax": common + ["method=binaryrelax", "wbits=1", "method.phase2_epoch=1"],
              "bcgd": common + ["method=bcgd", "wbits=1", "abits=4", "act.learn_alpha=true"]}
@@ -179,7 +179,7 @@ def test_torchrun_start_is_one_run_in_one_folder(tmp_path, mnist_root):
 def test_imagenet_loader_shards_like_the_in_memory_ones(fake_imagenet_root):
     """Rank r's training batch is slice r of the single-process batch (same samples, same seeded
     augmentation), the last, smaller batch too; test batches go to the ranks in turn."""
-    from qtrain.data_imagenet import imagenet
+    from qtrain.data.imagefolder import imagenet
 
     def loaders(rank, world):
         b = imagenet(fake_imagenet_root, batch_size=4, test_batch_size=2, image_size=16, workers=0)

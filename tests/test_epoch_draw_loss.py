@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from qtrain.errors import QtrainError
-from qtrain.run import train_run
+from qtrain.run.runner import train_run
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@
 
 import pytest
 
-from qtrain.eval_cli import evaluate_checkpoint
-from qtrain.run import train_run
+from qtrain.run.runner import train_run
+from qtrain.tools.eval import evaluate_checkpoint
 
 
 @pytest.mark.parametrize("channels_last", [True, False])

@@ -3,7 +3,7 @@ float pretraining (init=float) included, and check its result carries the paper'
 
 import pytest
 
-from qtrain.run import main_run
+from qtrain.run.runner import main_run
 
 FAMILIES = [
     "ste/mnist_lenet5_a2_identity",

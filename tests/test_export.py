@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qtrain import export
-from qtrain.quant import make_weight_quantizer
-from qtrain.run import train_run
-from qtrain.ste import staircase
+from qtrain.quant.ste import staircase
+from qtrain.quant.weight import make_weight_quantizer
+from qtrain.run.runner import train_run
+from qtrain.tools import export
 
 
 @pytest.fixture

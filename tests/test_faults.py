@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from qtrain import checkpoint, fileio
+from qtrain import fileio
 from qtrain.errors import ConfigError, CorruptCheckpoint, Diverged, DiskError, Interrupted
-from qtrain.lifecycle import RunLock, unique_dir
-from qtrain.run import main_run, train_run
+from qtrain.run.runner import main_run, train_run
+from qtrain.run.lifecycle import RunLock, unique_dir
+from qtrain.store import checkpoint
 
 QTRAIN = str(Path(sys.executable).parent / "qtrain")
 SMALL = ["epochs=3", "data.limit_train=320", "data.limit_test=64", "data.batch_size=16", "abits=2"]
@@ -48,7 +49,7 @@ def small_cfg(make_cfg, mnist_root):
 
 def test_unique_dir_never_shares_a_folder(tmp_path):
     # two processes asking for the same name in the same instant get two folders
-    code = f"from qtrain.lifecycle import unique_dir; print(unique_dir({str(tmp_path / 'run')!r}))"
+    code = f"from qtrain.run.lifecycle import unique_dir; print(unique_dir({str(tmp_path / 'run')!r}))"
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(3)]
     names = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
     assert len(set(names)) == 3 and all(Path(n).is_dir() for n in names)
@@ -112,7 +113,7 @@ def test_signal_mid_epoch_then_resume_is_bitwise_equal(small_cfg, tmp_path, monk
     cfg = small_cfg(*method)
     full = train_run(cfg, tmp_path / "outputs" / "full")
 
-    from qtrain import train
+    from qtrain.train import loop as train
 
     real = train.DivergenceWatch.after_step
 
@@ -388,7 +389,7 @@ def test_completed_run_of_another_model_is_not_returned(make_cfg, mnist_root, tm
 def test_dataset_identity_is_content_not_location(make_cfg, mnist_root, tmp_path, monkeypatch):
     import shutil
 
-    from qtrain.resume import fingerprint
+    from qtrain.run.resume import fingerprint
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     copy = tmp_path / "copy"

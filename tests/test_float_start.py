@@ -6,13 +6,14 @@ import json
 import pytest
 from omegaconf import open_dict
 
-from qtrain import report
 from qtrain.errors import ConfigError
-from qtrain.float_start import effective_pretrain, float_config
-from qtrain.resume import fingerprint, identity
-from qtrain.run import float_run_dir, main_run
-from qtrain.schedule import scale_schedule
-from qtrain.validate import validate
+from qtrain.run.float_start import effective_pretrain, float_config
+from qtrain.run.resume import fingerprint, identity
+from qtrain.run.float_cache import float_run_dir
+from qtrain.run.runner import main_run
+from qtrain.run.schedule import scale_schedule
+from qtrain.run.validate import validate
+from qtrain.tools import report
 
 CELL = "experiment=ste/cifar10_resnet20_a4_clipped_relu"
 

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from qtrain.methods import BCGD, STE, BinaryRelax
-from qtrain.quant import binary
+from qtrain.quant.weight import binary
 
 
 def tiny(seed=0):

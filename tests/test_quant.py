@@ -9,8 +9,9 @@ from torch import nn
 from qtrain.models.lenet import LeNet5
 from qtrain.models.resnet import resnet18, resnet20
 from qtrain.models.vgg import VGG
-from qtrain.quant import (ActLayer, binary, make_weight_quantizer, quantized_weight_names, ternary, ternary_twn,
-                          uniform, uniform_alternating)
+from qtrain.quant.act import ActLayer
+from qtrain.quant.rules import quantized_weight_names
+from qtrain.quant.weight import binary, make_weight_quantizer, ternary, ternary_twn, uniform, uniform_alternating
 
 
 def dist(a, b):
@@ -102,7 +103,7 @@ def test_one_learned_alpha_per_resnet_block():
 
 
 def test_projections_survive_extreme_scales():
-    from qtrain.quant import binary, ternary, uniform
+    from qtrain.quant.weight import binary, ternary, uniform
 
     big = torch.tensor([1e19, -1e19, 1e19])
     assert torch.equal(ternary(big), big)  # no entry dropped by an overflowing (sum)^2

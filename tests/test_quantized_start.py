@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from qtrain import run
 from qtrain.errors import QtrainError
+from qtrain.run import float_cache
+from qtrain.run.runner import train_run
 
 
 @pytest.fixture
@@ -19,7 +20,7 @@ def test_finds_the_cells_float_model_and_evaluates_it_as_a_run_does(quantized_st
             f"out_dir={tmp_path / 'outputs'}"]
     with pytest.raises(QtrainError, match="no finished float model"):  # never trains one itself
         quantized_start(cell)
-    ckpt = run.float_checkpoint(make_cfg(*cell))  # what the cell's init=float trains
+    ckpt = float_cache.float_checkpoint(make_cfg(*cell), train_run)  # what the cell's init=float trains
     float_acc = json.loads((ckpt.parent.parent / "result.json").read_text())["final_test_acc"]
     out = quantized_start(cell)
     assert out["float_model"] == str(ckpt) and out["float_test_acc"] == float_acc and out["abits"] == 2

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qtrain import report
+from qtrain.tools import report
 
 EXP = "ste/mnist_lenet5_a2_relu"
 

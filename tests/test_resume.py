@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from qtrain.run import main_run, train_run
+from qtrain.run.runner import main_run, train_run
 
 SMALL = ["epochs=3", "data.limit_train=192", "data.limit_test=64", "data.batch_size=32"]
 METHODS = {

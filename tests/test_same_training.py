@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qtrain.run import train_run
+from qtrain.run.runner import train_run
 
 GOLDEN = Path(__file__).parent / "golden" / "short_runs.json"
 SHORT = ["epochs=2", "data.limit_train=96", "data.limit_test=32", "data.batch_size=32", "log_every_n_steps=1"]

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from qtrain.quant import AUTHORS_ALPHA, QuantReLU, optimal_alpha, scale_alpha_gradients
-from qtrain.ste import STES, staircase
+from qtrain.quant.act import AUTHORS_ALPHA, QuantReLU, optimal_alpha, scale_alpha_gradients
+from qtrain.quant.ste import STES, staircase
 
 
 def grad_of(ste, x, alpha=1.0, bits=1):
@@ -104,9 +104,9 @@ def test_compiled_and_eager_quantizer_agree_exactly():
 def test_docstring_example():
     import doctest
 
-    import qtrain.ste
+    import qtrain.quant.ste
 
-    assert doctest.testmod(qtrain.ste).failed == 0
+    assert doctest.testmod(qtrain.quant.ste).failed == 0
 
 
 def test_unknown_alpha_gradient_proxy_is_refused():
@@ -123,7 +123,7 @@ def test_exact_alpha_gradient_is_the_forward_level_index(rounding):
     act = QuantReLU(4, 0.1946, "clipped_relu", rounding=rounding, learn_alpha=True, alpha_grad="exact",
                     alpha_grad_scale=1.0, alpha_grad_clip=1e9)
     act(x).sum().backward()
-    from qtrain.ste import levels
+    from qtrain.quant.ste import levels
 
     k = levels(x, torch.tensor(0.1946), 4, rounding)
     assert torch.equal(k, k.round()) and act.alpha.grad.item() == pytest.approx(float(k.sum()), abs=0)
@@ -131,7 +131,7 @@ def test_exact_alpha_gradient_is_the_forward_level_index(rounding):
 
 def test_clipped_mask_compares_in_float32_under_bf16():
     # 2.921875 is exactly representable in bf16 and lies above 15 * 0.1946 = 2.919: outside the range
-    from qtrain.ste import clipped_relu_mask
+    from qtrain.quant.ste import clipped_relu_mask
 
     x = torch.tensor([2.921875, 2.9, -0.1], dtype=torch.bfloat16)
     mask = clipped_relu_mask(x, torch.tensor(0.1946), 4)

@@ -1,8 +1,9 @@
 """The model summary: every layer, bits of weights and inputs, parameters, MACs, memory."""
 
 from qtrain.models.resnet import resnet20
-from qtrain.quant import ActLayer, quantized_weight_names
-from qtrain.summary import format_summary, model_summary
+from qtrain.quant.act import ActLayer
+from qtrain.quant.rules import quantized_weight_names
+from qtrain.store.summary import format_summary, model_summary
 
 
 def test_resnet20_summary_counts():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from qtrain.run import main_run, train_run
+from qtrain.run.runner import main_run, train_run
 
 SMALL = ["epochs=2", "data.limit_train=256", "data.limit_test=64", "data.batch_size=32"]
 
@@ -77,8 +77,9 @@ def test_per_step_schedule_moves_within_an_epoch_and_resumes_exactly(make_cfg, m
 
 
 def test_progress_bar_shows_loss_acc_img_s_in_that_order(monkeypatch):
-    from qtrain import train
     from qtrain.methods import Float
+    from qtrain.train import loop as train
+    from qtrain.train.tasks import Classification
 
     class Bar:
         n, posts = 0, []
@@ -96,7 +97,7 @@ def test_progress_bar_shows_loss_acc_img_s_in_that_order(monkeypatch):
     clock = iter(range(0, 1000, 2))  # every step is "2 s later": a redraw each step
     monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
     bar = Bar()
-    t = train.Training(model, method, torch.optim.SGD(model.parameters(), lr=0.1), train.Classification(),
+    t = train.Training(model, method, torch.optim.SGD(model.parameters(), lr=0.1), Classification(),
                        torch.device("cpu"))
     train.train_one_epoch(t, loader, bar=bar)
     assert bar.posts and all(p == ["loss", "acc", "img/s"] for p in bar.posts) and bar.n == 5

@@ -12,7 +12,6 @@ pools quantized values). The BNs stand before each activation as in [STE]'s LeNe
 from torch import nn
 
 from qtrain.errors import ConfigError
-
 from qtrain.models.common import bn1d, bn2d, init_weights
 
 VARIANTS = {  # conv widths, conv1 padding, hidden linear widths

@@ -8,7 +8,6 @@ For larger inputs an adaptive average pool makes the same head fit.
 from torch import nn
 
 from qtrain.errors import ConfigError
-
 from qtrain.models.common import bn2d, init_weights
 
 CONFIGS = {

@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtrain.errors import QtrainError
-from qtrain.eval_cli import load_run
-from qtrain.quant import QuantReLU, make_code_quantizer
+from qtrain.quant.act import QuantReLU
+from qtrain.quant.weight import make_code_quantizer
+from qtrain.tools.eval import load_run
 
 
 class _Dequantize(torch.autograd.Function):

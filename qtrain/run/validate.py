@@ -17,8 +17,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from qtrain.errors import ConfigError
 from qtrain.keys import short_name
-from qtrain.quant import QUANT_LAYER_RULES, WQUANT_RULES
-from qtrain.schedule import check_scale
+from qtrain.quant.rules import QUANT_LAYER_RULES
+from qtrain.quant.weight import WQUANT_RULES
+from qtrain.run.schedule import check_scale
 
 log = logging.getLogger("qtrain")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qtrain.quant import QuantReLU
+from qtrain.quant.act import QuantReLU
 
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 

@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from qtrain import checkpoint
 from qtrain.errors import QtrainError
-from qtrain.keys import short_name
+from qtrain.keys import current_spelling, short_name
+from qtrain.run.build import build, pick_device
+from qtrain.store import checkpoint
+from qtrain.train.loop import evaluate
 
 
 def load_run(path: Path, data_root: str | None = None, device: str = "cpu", limit_test: int | None = None,
@@ -30,8 +32,6 @@ def load_run(path: Path, data_root: str | None = None, device: str = "cpu", limi
     folder or checkpoint file: rebuilt from the config stored in the (verified) checkpoint. The memory
     format is the run's unless ``channels_last`` says otherwise (the CPU's batch norm rounds differently in
     the two, so only the run's own format reproduces its test numbers to the last bit)."""
-    from qtrain.build import build, pick_device
-
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoints" / "last.pt"
@@ -40,7 +40,7 @@ def load_run(path: Path, data_root: str | None = None, device: str = "cpu", limi
     state = checkpoint.load(path)
     if "config" not in state:
         raise QtrainError(f"{path} holds no config, so the model cannot be rebuilt: it is not a qtrain run checkpoint.")
-    cfg = OmegaConf.create(state["config"])
+    cfg = OmegaConf.create(current_spelling(state["config"]))  # a run made before a target moved
     with open_dict(cfg):
         if data_root:
             cfg.data.root = data_root
@@ -58,9 +58,6 @@ def load_run(path: Path, data_root: str | None = None, device: str = "cpu", limi
 
 def evaluate_checkpoint(path: Path, data_root: str | None = None, device: str = "cpu",
                         limit_test: int | None = None) -> dict:
-    from qtrain.build import pick_device
-    from qtrain.train import evaluate
-
     path, state, cfg, data, model, names, method, task = load_run(path, data_root, device, limit_test)
     dev = pick_device(device)
     name, context = method.evaluations()[0]  # the hard-quantized weights Q(w)

@@ -1,4 +1,5 @@
-"""The one training loop. It never reads the config: build.py builds the objects and run.py calls fit().
+"""The one training loop. It never reads the config: qtrain/run/build.py builds the objects and
+qtrain/run/runner.py calls fit().
 
 Every method (float / ste / binaryrelax / bcgd) plugs in through the same five calls; see
 methods.py for what each does at those points. In a data-parallel run (qtrain/parallel/) the model
@@ -17,33 +18,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qtrain.methods import Method
 from qtrain.parallel.ranks import SINGLE, Ranks
+from qtrain.train.tasks import Classification, Regression
 
 log = logging.getLogger("qtrain")
-
-
-class Classification:
-    """Cross-entropy loss; accuracy counted on the device (no host sync per batch)."""
-
-    def loss(self, out, y):
-        return F.cross_entropy(out, y)
-
-    def correct(self, out, y):
-        return (out.argmax(1) == y).sum()
-
-
-class Regression:
-    """Squared loss 1/2 (y - y*)^2 of the teacher problem (SPEC §5); no accuracy."""
-
-    def loss(self, out, y):
-        return 0.5 * F.mse_loss(out.float(), y, reduction="mean")
-
-    def correct(self, out, y):
-        return None
 
 
 def _autocast(device: torch.device, dtype):

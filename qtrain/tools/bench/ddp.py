@@ -21,6 +21,10 @@ from pathlib import Path
 
 import torch
 
+from qtrain.data import mnist
+from qtrain.models.lenet import LeNet5
+from qtrain.quant.act import ActLayer
+
 COMMON = ["data.limit_train=6400", "data.limit_test=1000", "epochs=3", "progress=false"]
 CONFIGS = {  # name: (extra overrides, OMP threads per process)
     "qtrain devices=1, 1 thread": (["devices=1"], 1),
@@ -45,10 +49,6 @@ def _plain_worker(rank, world, port, root, steps, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    from qtrain.data import mnist
-    from qtrain.models.lenet import LeNet5
-    from qtrain.quant import ActLayer
-
     data = mnist(root, batch_size=64, limit_train=6400)
     x, y = next(iter(data.train))
     x, y = x[rank * 32:(rank + 1) * 32], y[rank * 32:(rank + 1) * 32]

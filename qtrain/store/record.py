@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qtrain import checkpoint
 from qtrain.errors import DiskError
 from qtrain.fileio import DISK_ERRNOS, disk_error, write_text_atomic
+from qtrain.keys import REPO_ROOT
+from qtrain.store import checkpoint
 
 log = logging.getLogger("qtrain")
 
@@ -55,7 +56,7 @@ def set_rng_state(state: dict) -> None:
 SOURCE_PATHS = ("qtrain", "configs", "pyproject.toml")
 
 
-def code_identity(root: Path = Path(__file__).resolve().parent.parent) -> dict:
+def code_identity(root: Path = REPO_ROOT) -> dict:
     """git SHA of the checkout at ``root``, and whether its source (SOURCE_PATHS) differs from it
     (None outside a git checkout)."""
 

@@ -18,9 +18,11 @@ import os
 import numpy as np
 import torch
 
-from qtrain.data import _image_bundle, _read_idx, check_arrays, load_npz_arrays
-from qtrain.dataset_id import cache_path, content_identity
-from qtrain.errors import DataError
+from qtrain.data.identity import cache_path, content_identity
+from qtrain.data.loaders import Loading, image_bundle
+from qtrain.data.readers import check_arrays, load_npz_arrays, read_idx, resolve_root
+from qtrain.errors import DataError, DiskError
+from qtrain.fileio import write_text_atomic
 
 IDX_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 
@@ -62,10 +64,9 @@ def _stats(train_x: np.ndarray, files: list[str], given_mean, given_std) -> tupl
     mean = x.mean(dim=(0, 2, 3)).tolist()
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"mean": mean, "std": std}))
-    except OSError:
-        pass  # recomputed next time
+        write_text_atomic(cache, json.dumps({"mean": mean, "std": std}))
+    except (OSError, DiskError):
+        pass  # a read-only home: recomputed next time
     return tuple(mean), tuple(std)
 
 
@@ -80,8 +81,7 @@ def _to_nchw(x: np.ndarray, layout: str, source: str) -> np.ndarray:
                     f"{list(x.shape)}.")
 
 
-def _bundle(name, arrays, files, source, num_classes, layout, mean, std, batch_size, test_batch_size, limit_train,
-            limit_test, augment, seed, device):
+def _bundle(arrays, files, source, num_classes, layout, mean, std, loading: Loading):
     if not isinstance(num_classes, int) or num_classes < 2:
         raise DataError(f"data.num_classes must be an integer >= 2, got {num_classes!r}.")
     check_arrays(source, *arrays, num_classes=num_classes)
@@ -95,33 +95,32 @@ def _bundle(name, arrays, files, source, num_classes, layout, mean, std, batch_s
         raise DataError(f"data.mean / data.std need one value per channel ({tx.shape[1]}), got {stats}.")
     tensors = (torch.from_numpy(tx), torch.from_numpy(ty.astype(np.int64)), torch.from_numpy(vx),
                torch.from_numpy(vy.astype(np.int64)))
-    return _image_bundle(name, tensors, num_classes, batch_size, test_batch_size, limit_train, limit_test, augment,
-                         seed, device, stats=stats)
+    return image_bundle(tensors, num_classes, loading, *stats)
 
 
-def idx(root, folder, files, num_classes=10, mean=None, std=None, batch_size=64, test_batch_size=1000,
-        limit_train=None, limit_test=None, augment=None, seed=0, device="cpu"):
-    """Four idx files (images idx3 and labels idx1, train and test, optionally .gz) under root/folder."""
-    root = os.path.abspath(os.path.expanduser(str(root)))
+def idx(root, folder, files, num_classes=10, mean=None, std=None, **loading):
+    """Four idx files (images idx3 and labels idx1, train and test, optionally .gz) under root/folder.
+    ``loading``: batch_size (64), test_batch_size (1000), limit_train, limit_test, augment, seed, device."""
+    loading = Loading(**{"batch_size": 64, "test_batch_size": 1000, **loading})
+    root = resolve_root(root)
     found, looked = _idx_paths(root, folder, files)
     if None in found:
         missing = [p for p, f in zip(looked, found) if f is None]
         raise DataError(f"data=idx: not found: {', '.join(m + '[.gz]' for m in missing)}. Set data.root, data.folder "
                         "and data.files.* to where the four idx files are.")
-    arrays = [_read_idx(found[0], 3), _read_idx(found[1], 1), _read_idx(found[2], 3), _read_idx(found[3], 1)]
-    return _bundle("idx", arrays, found, os.path.join(root, folder or ""), num_classes, "NHWC", mean, std,
-                   batch_size, test_batch_size, limit_train, limit_test, augment, seed, device)
+    arrays = [read_idx(found[0], 3), read_idx(found[1], 1), read_idx(found[2], 3), read_idx(found[3], 1)]
+    return _bundle(arrays, found, os.path.join(root, folder or ""), num_classes, "NHWC", mean, std, loading)
 
 
-def npz(root, file, num_classes, layout="NHWC", mean=None, std=None, batch_size=128, test_batch_size=1000,
-        limit_train=None, limit_test=None, augment=None, seed=0, device="cpu"):
-    """One .npz with train_x, train_y, test_x, test_y (uint8 images, integer labels)."""
+def npz(root, file, num_classes, layout="NHWC", mean=None, std=None, **loading):
+    """One .npz with train_x, train_y, test_x, test_y (uint8 images, integer labels).
+    ``loading``: batch_size (128), test_batch_size (1000), limit_train, limit_test, augment, seed, device."""
+    loading = Loading(**{"batch_size": 128, "test_batch_size": 1000, **loading})
     if layout not in ("NHWC", "NCHW"):
         raise DataError(f"data.layout must be NHWC or NCHW, got {layout!r}.")
-    root = os.path.abspath(os.path.expanduser(str(root)))
+    root = resolve_root(root)
     path = _npz_path(root, str(file))
     if not os.path.exists(path):
         raise DataError(f"data=npz: {path} not found. Set data.file (relative to data.root, or absolute) to an .npz "
                         "with train_x, train_y, test_x, test_y.")
-    return _bundle("npz", load_npz_arrays(path), [path], path, num_classes, layout, mean, std, batch_size,
-                   test_batch_size, limit_train, limit_test, augment, seed, device)
+    return _bundle(load_npz_arrays(path), [path], path, num_classes, layout, mean, std, loading)

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import yaml
 
-from qtrain.keys import VOLATILE, short_name
+from qtrain.errors import EXIT_BAD_INPUT
+from qtrain.keys import CONFIG_DIR, VOLATILE, short_name
 
-ROOT = Path(__file__).resolve().parent.parent
-EXPERIMENTS = ROOT / "configs" / "experiment"
+EXPERIMENTS = CONFIG_DIR / "experiment"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,7 +64,7 @@ def override_of(run: dict, key: str) -> str | None:
 
 
 #: overrides that keep a run in its experiment's row: the row's own keys (seeds are averaged; the schedule
-#: scale and the run it started from get their own table and row) and the run-time keys that qtrain.resume
+#: scale and the run it started from get their own table and row) and the run-time keys that qtrain.run.resume
 #: leaves out of a run's fingerprint (its VOLATILE; a test keeps the two in step). Any other override
 #: (optim.lr=0.01) makes the run a variant with a row of its own, never a second seed of the cell.
 SAME_CELL_KEYS = {"experiment", "seed", "schedule_scale", "init", "pretrain.schedule_scale", "pretrain.seed",
@@ -537,7 +537,7 @@ def main(argv=None) -> None:
     missing = [str(x) for x in paths if not x.exists()]
     if missing:
         print(f"qtrain-report: error: no such folder: {', '.join(missing)}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
     tables = report(paths)
     if args.write:
         write_results_md(args.write, tables, paths)

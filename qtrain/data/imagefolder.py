@@ -17,8 +17,9 @@ import os
 
 import torch
 
-from qtrain.data import (STATS, DataBundle, _missing, _resolve_root, batches_of, check_shardable, loss_weight,
-                         rank_slice)
+from qtrain.data.builtin import STATS
+from qtrain.data.loaders import DataBundle, batches_of, check_shardable, loss_weight, rank_slice
+from qtrain.data.readers import missing_error, resolve_root
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -122,15 +123,21 @@ def transforms(image_size: int, train: bool):
     return T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(), norm])
 
 
+def files_of(root: str) -> str | None:
+    """The ImageFolder tree ``imagenet=`` reads (identified by its listing), or None if missing."""
+    base = os.path.join(root, "imagenet")
+    return base if all(os.path.isdir(os.path.join(base, s)) for s in ("train", "val")) else None
+
+
 def imagenet(root, batch_size=256, test_batch_size=256, limit_train=None, limit_test=None, augment="standard",
              image_size=224, workers=8, seed=0, device="cpu"):
     """ImageNet as ImageFolders <root>/imagenet/{train,val}, with the standard augmentation."""
     from torchvision.datasets import ImageFolder
 
-    base = os.path.join(_resolve_root(root), "imagenet")
+    base = os.path.join(resolve_root(root), "imagenet")
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(base, split)):
-            raise _missing("ImageNet", [os.path.join(base, split)],
+            raise missing_error("ImageNet", [os.path.join(base, split)],
                            "ImageFolder layouts imagenet/train/<class>/*.JPEG and imagenet/val/<class>/*.JPEG",
                            "Prepare the validation split in per-class folders (e.g. with the usual valprep script).")
     train_set = ImageFolder(os.path.join(base, "train"), transforms(image_size, train=bool(augment)))

@@ -26,8 +26,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from qtrain.cli import CONFIG_DIR
-from qtrain.train import Training, train_one_epoch
+from qtrain.keys import CONFIG_DIR
+from qtrain.run.build import build, instantiate_node
+from qtrain.tools.bench import ddp, loader
+from qtrain.tools.bench.floor import plain_step
+from qtrain.train.loop import Training, train_one_epoch
 
 VARIANTS = {  # "{a}" is replaced by --abits
     "float": ["abits=null", "wbits=null", "method=float"],
@@ -78,8 +81,6 @@ def make_cfg(args, overrides):
 
 
 def build_variant(args, overrides, device, batch_only=False):
-    from qtrain.build import build  # after hydra is set up
-
     cfg = make_cfg(args, overrides)
     built = build(cfg, device)
     x, y = next(iter(built.data.train))
@@ -109,8 +110,6 @@ def bench_steps(args, device):
     steppers = {name: build_variant(args, ov, device) for name, ov in variants(args.abits).items()
                 if name in args.variants}
     if args.model == "resnet20" and not args.full_epoch:  # the floor: same batch, none of qtrain's code
-        from qtrain.bench_floor import plain_step
-
         x, y = build_variant(args, VARIANTS["float"], device, batch_only=True)
         steppers[FLOOR] = (plain_step(x, y, device), args.batch_size)
     images = {name: n for name, (_, n) in steppers.items()}  # per step (or per epoch with --full-epoch)
@@ -140,8 +139,6 @@ def bench_steps(args, device):
 
 def bench_data(args, device):
     """One epoch of the real training pipeline, and a torchvision DataLoader baseline."""
-    from qtrain.build import instantiate_node
-
     cfg = make_cfg(args, [])
     with open_dict(cfg):
         cfg.data.limit_train = cfg.data.limit_test = None
@@ -198,7 +195,7 @@ def machine(device):
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qtrain-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet20")
@@ -227,28 +224,17 @@ def main(argv=None):
     p.add_argument("--loader-workers", type=int, nargs="*", default=[0, 1, 2], help="with --loader: worker counts")
     p.add_argument("--ddp", action="store_true",
                    help="instead: LeNet-5 step time of devices=2 (Gloo, CPU) vs devices=1, and plain PyTorch DDP")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
+    command = "qtrain-bench " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.ddp:
-        from qtrain.bench_ddp import format_table, run
-
-        root = args.data_root or os.environ.get("QTRAIN_DATA", "data")
-        result = run(root, rounds=args.rounds)
-        print(f"# qtrain-bench {' '.join(sys.argv[1:] if argv is None else argv)}\n# {machine(torch.device('cpu'))}, "
-              f"torch {torch.__version__}; LeNet-5/MNIST (6,400 samples), batch 64, a2; median of {args.rounds} rounds")
-        print(format_table(result))
-        if args.json:
-            args.json.write_text(json.dumps({"machine": machine(torch.device("cpu")), **result}, indent=2) + "\n")
-        return
+        return bench_ddp(args, command)
     if args.loader:
-        from qtrain.bench_loader import bench_loaders, print_table
-
-        rows = bench_loaders(args.loader_workers, args.loader_images, rounds=args.rounds)
-        print(f"# qtrain-bench {' '.join(sys.argv[1:] if argv is None else argv)}\n# {machine(torch.device('cpu'))}, "
-              f"torch {torch.__version__}, {args.loader_images} generated JPEGs, batch 64, RandomResizedCrop 224")
-        print_table(rows)
-        if args.json:
-            args.json.write_text(json.dumps({"machine": machine(torch.device("cpu")), "rows": rows}, indent=2) + "\n")
-        return
+        return bench_loader(args, command)
     names = list(variants(args.abits))
     args.variants = args.variants or names
     unknown = [v for v in args.variants if v not in names]
@@ -262,11 +248,18 @@ def main(argv=None):
     torch.manual_seed(0)
     rows = bench_steps(args, device)
     data = None if args.no_data else bench_data(args, device)
-    info = {"machine": machine(device), "torch": torch.__version__, "command": "qtrain-bench " + " ".join(
-        sys.argv[1:] if argv is None else argv), "model": args.model, "data": args.data, "batch_size": args.batch_size,
-        "precision": args.precision, "compile": args.compile, "steps": args.steps, "rounds": args.rounds,
-        "abits": args.abits, "full_epoch": args.full_epoch,
-        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    info = {"machine": machine(device), "torch": torch.__version__, "command": command, "model": args.model,
+            "data": args.data, "batch_size": args.batch_size, "precision": args.precision, "compile": args.compile,
+            "steps": args.steps, "rounds": args.rounds, "abits": args.abits, "full_epoch": args.full_epoch,
+            "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    print_steps(info, args, rows)
+    if data:
+        print(f"data pipeline: {json.dumps(data)}")
+    if args.json:
+        args.json.write_text(json.dumps({"info": info, "steps": rows, "data": data}, indent=2) + "\n")
+
+
+def print_steps(info: dict, args, rows: list[dict]) -> None:
     print(f"# {info['command']}\n# {info['machine']}, torch {info['torch']}, {args.model}/{args.data}, "
           f"batch {args.batch_size}, {args.precision}{', compiled' if args.compile else ''}; "
           f"median of {args.rounds} interleaved rounds of {args.steps} steps")
@@ -279,10 +272,25 @@ def main(argv=None):
         t = r["median_step_ms"] / 1e3 if args.full_epoch else r["median_step_ms"]
         print(f"| {r['variant']} | {t:.2f} | {r['images_per_s']:,.0f} | {r['ratio_to_float']:.2f} | {plain} "
               f"| {peak} |")
-    if data:
-        print(f"data pipeline: {json.dumps(data)}")
+
+
+def bench_ddp(args, command: str) -> None:
+    root = args.data_root or os.environ.get("QTRAIN_DATA", "data")
+    result = ddp.run(root, rounds=args.rounds)
+    print(f"# {command}\n# {machine(torch.device('cpu'))}, torch {torch.__version__}; LeNet-5/MNIST (6,400 samples), "
+          f"batch 64, a2; median of {args.rounds} rounds")
+    print(ddp.format_table(result))
     if args.json:
-        args.json.write_text(json.dumps({"info": info, "steps": rows, "data": data}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"machine": machine(torch.device("cpu")), **result}, indent=2) + "\n")
+
+
+def bench_loader(args, command: str) -> None:
+    rows = loader.bench_loaders(args.loader_workers, args.loader_images, rounds=args.rounds)
+    print(f"# {command}\n# {machine(torch.device('cpu'))}, torch {torch.__version__}, {args.loader_images} generated "
+          "JPEGs, batch 64, RandomResizedCrop 224")
+    loader.print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(torch.device("cpu")), "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

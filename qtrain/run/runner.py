@@ -1,10 +1,9 @@
-"""One run from start to end: pick what to resume (qtrain.resume), build the objects (qtrain.build),
-train them (train.fit) under the run's lock and signals (qtrain.lifecycle), and write result.json.
+"""One run from start to end: pick what to resume (resume.py), build the objects (build.py),
+train them (qtrain.train.loop.fit) under the run's lock and signals (lifecycle.py), and write result.json.
 
-Also owns ``init=float``: the float model of the same architecture and recipe, trained once per
-seed and recipe, cached under ``<out_dir>/float/`` and shared by every cell that starts from it.
 The two ways a run starts from an earlier one:
-  init   = path of a checkpoint (weights only), or "float" (above);
+  init   = path of a checkpoint (weights only), or "float": the float model of the same architecture and
+           recipe, trained once and cached under ``<out_dir>/float/`` (float_start.py, float_cache.py);
   resume = true (the latest run with the same config) or a run directory: continue that run in its
            own directory, to the same result an uninterrupted run would reach (a finished run is
            left as it is and its result returned, so re-running a sweep with resume=true is safe).
@@ -12,12 +11,8 @@ The two ways a run starts from an earlier one:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import logging
 import platform
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,99 +20,22 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from qtrain import checkpoint, record
-from qtrain.build import build, check_init_file, load_init, pick_device, seed_everything
 from qtrain.errors import ConfigError, Diverged, Interrupted, QtrainError
-from qtrain.float_start import float_config
 from qtrain.keys import short_name
-from qtrain.lifecycle import (
-    LogAlsoInto,
-    RunLock,
-    StopSignals,
-    quit_on_signals_outside_training,
-    remove_stale_temporaries,
-)
 from qtrain.parallel import launcher
 from qtrain.parallel.ranks import REPEAT_WINDOW_S, Ranks, current_ranks, device_of
-from qtrain.resume import FINGERPRINT_FILE, choose_resume, fingerprint, identity, identity_hash, resume_state
-from qtrain.schedule import scale_schedule
-from qtrain.summary import distinct_values, format_summary, model_summary
-from qtrain.train import DivergenceWatch, NonFinite, Plan, Training, fit
-from qtrain.validate import validate
+from qtrain.run.build import build, check_init_file, load_init, pick_device, seed_everything
+from qtrain.run.float_cache import float_checkpoint, float_start_record
+from qtrain.run.lifecycle import (LogAlsoInto, RunLock, StopSignals, quit_on_signals_outside_training,
+                                  remove_stale_temporaries)
+from qtrain.run.resume import FINGERPRINT_FILE, choose_resume, identity, identity_hash, resume_state
+from qtrain.run.schedule import scale_schedule
+from qtrain.run.validate import validate
+from qtrain.store import checkpoint, record
+from qtrain.store.summary import distinct_values, format_summary, model_summary
+from qtrain.train.loop import DivergenceWatch, NonFinite, Plan, Training, fit
 
 log = logging.getLogger("qtrain")
-
-
-# ---------------------------------------------------------------------------------------------
-# init=float: the cached float model a quantized run starts from
-# ---------------------------------------------------------------------------------------------
-
-
-def float_run_dir(cfg: DictConfig, key: str) -> Path:
-    """Where init=float caches the float model of ``cfg`` (``key``: the fingerprint of its float_config),
-    named by the float model's own seed (``pretrain.seed`` may keep it apart from the run's)."""
-    return Path(cfg.out_dir).resolve() / "float" / f"{short_name(cfg.data)}_" \
-        f"{short_name(cfg.model).lower()}_s{float_config(cfg).seed}_{key}"
-
-
-def float_checkpoint(cfg: DictConfig) -> Path:
-    """Path of the cached float checkpoint for ``cfg``; trains it first when missing."""
-    ranks = current_ranks()
-    fcfg = float_config(cfg)
-    run_dir = float_run_dir(cfg, ranks.decide(fingerprint, fcfg))
-    ckpt = run_dir / "checkpoints" / "last.pt"
-    if ranks.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    # two jobs wanting the same float model: one trains it, the other waits (train_run's own
-    # RunLock on .lock is non-blocking, hence a second lock file here)
-    with ranks.main_only(waiting_lock(run_dir / ".cache.lock")):
-        train, resume = ranks.decide(_float_plan, run_dir, ckpt)
-        if train:
-            try:
-                train_run(fcfg, run_dir, resume_dir=resume)
-            except Interrupted as e:  # the float model continues where it stopped when this command runs again
-                raise Interrupted(f"{e} (the float model that init=float trains first; running the same command "
-                                  "again continues it where it stopped)", e.exit_code, None) from None
-    return ckpt
-
-
-def float_start_record(ckpt: Path) -> dict:
-    """result.json's ``float_start`` of a run that started from the cached float model ``ckpt``: which
-    float run, at what schedule, and how good it was (qtrain-report shows it beside the cell)."""
-    run_dir = Path(ckpt).parent.parent
-    r = json.loads((run_dir / "result.json").read_text())
-    return {"run_dir": str(run_dir), "fingerprint": (run_dir / FINGERPRINT_FILE).read_text().strip(),
-            "epochs": r.get("epochs"), "schedule_scale": r.get("schedule_scale", 1),
-            "unscaled_epochs": r.get("unscaled_epochs"), "final_test_acc": r.get("final_test_acc"),
-            "best_test_acc": r.get("best_test_acc"), "best_epoch": r.get("best_epoch")}
-
-
-@contextlib.contextmanager
-def waiting_lock(path: Path):
-    """An exclusive flock that waits for its holder (the float-model cache)."""
-    with open(path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def _float_plan(run_dir: Path, ckpt: Path) -> tuple[bool, Path | None]:
-    """(train?, the run folder to resume) for the cached float model; a damaged cached model is
-    recomputed, from its previous checkpoint when that is intact."""
-    if (run_dir / "result.json").exists():
-        state, why = checkpoint.problem(ckpt)
-        if state is None:  # retrain from the previous checkpoint (or from scratch): the same weights again
-            usable = checkpoint.problem(checkpoint.previous_path(ckpt))[0] is not None
-            log.warning("init=float: the cached float model %s is %s; recomputing it from %s", ckpt, why,
-                        "its previous checkpoint" if usable else "the start")
-            (run_dir / "result.json").unlink()
-            if not usable:
-                shutil.rmtree(run_dir / "checkpoints")
-                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    if (run_dir / "result.json").exists():
-        log.info("init=float: reusing the float model in %s", run_dir)
-        return False, None
-    log.info("init=float: training the float model first, in %s", run_dir)
-    return True, run_dir if checkpoint.has_checkpoint(ckpt) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +101,7 @@ def train_run(cfg: DictConfig, run_dir: Path, resume_dir: Path | None = None, ch
     if cfg.init not in (None, "float"):
         check_init_file(str(cfg.init))
     # the float model gets the run's schedule_scale, unless pretrain.schedule_scale gives it its own
-    init_path = str(float_checkpoint(cfg)) if cfg.init == "float" else cfg.init
+    init_path = str(float_checkpoint(cfg, train_run)) if cfg.init == "float" else cfg.init
     spec = RunSpec(scale_schedule(cfg), cfg, run_dir, resume_dir, init_path, device, ident, fp, code, choices or {},
                    ranks)
     seed_everything(cfg.seed)

@@ -1,4 +1,5 @@
-"""What a dataset *is*, independent of where it lives: part of a run's fingerprint.
+"""What a dataset *is*, independent of where it lives: part of a run's fingerprint
+(:func:`qtrain.data.dataset_identity` asks each reader which files it reads and hashes them here).
 
 Two folders holding the same files give the same identity; another dataset in the same format
 (Fashion-MNIST's idx files under another root) gives another. The identity of file-backed data
@@ -18,11 +19,8 @@ import json
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from qtrain.errors import DiskError
 from qtrain.fileio import write_text_atomic
-from qtrain.keys import short_name
 
 CHUNK = 1 << 22
 
@@ -83,22 +81,3 @@ def imagenet_files(base: str) -> str:
             p = os.path.join(dirpath, name)
             h.update(f"{os.path.relpath(p, base)}\0{os.path.getsize(p)}\n".encode())
     return h.hexdigest()[:16]
-
-
-def dataset_identity(data_cfg: DictConfig) -> str | None:
-    """The identity of the dataset ``data_cfg`` reads, or None when its files are not there (the
-    run then stops at the data step with its own message) or the data is generated (teacher:
-    its parameters are in the config already)."""
-    from qtrain import data  # the readers know which files they read
-
-    name = short_name(data_cfg)
-    root = data_cfg.get("root")
-    if root is None:
-        return None
-    root = os.path.abspath(os.path.expanduser(str(root)))
-    files = data.files_read(name, root, data_cfg)
-    if files is None:
-        return None
-    if isinstance(files, str):  # a folder identified by its listing
-        return imagenet_files(files)
-    return content_identity(files)

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qtrain.data.imagefolder import ImageLoader, transforms
+
 #: what a training GPU consumes, for the comparison line: ResNet-18 on an H100 (an estimate, to be
 #: replaced by a measurement when a GPU is available)
 GPU_NEED_IMAGES_PER_S = 3000
@@ -48,8 +50,6 @@ def _pass(loader) -> tuple[int, float]:
 def bench_loaders(workers_list=(0, 1, 2), n: int = 1000, batch_size: int = 64, rounds: int = 2,
                   image_size: int = 224) -> list[dict]:
     from torchvision.datasets import ImageFolder
-
-    from qtrain.data_imagenet import ImageLoader, transforms
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

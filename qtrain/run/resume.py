@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qtrain import checkpoint
-from qtrain.dataset_id import dataset_identity
+from qtrain.data import dataset_identity
 from qtrain.errors import ConfigError
-from qtrain.float_start import effective_pretrain
-from qtrain.keys import NEUTRAL, VOLATILE
+from qtrain.keys import NEUTRAL, VOLATILE, first_spelling
+from qtrain.run.float_start import effective_pretrain
+from qtrain.store import checkpoint
 
 log = logging.getLogger("qtrain")
 
@@ -34,7 +34,7 @@ def identity_hash(ident: dict) -> str:
 
 def identity(cfg: DictConfig) -> dict:
     """The config as far as it changes what a run computes, with the dataset's content identity."""
-    c = OmegaConf.to_container(cfg, resolve=True)
+    c = first_spelling(OmegaConf.to_container(cfg, resolve=True))  # a target that moved keeps its fingerprint
     if "pretrain" in c:  # by what it does to the float start: an entry that pins the run's own value is left out
         c["pretrain"] = effective_pretrain(cfg)
     drop = list(VOLATILE)

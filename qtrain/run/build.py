@@ -1,6 +1,6 @@
 """Build a run's objects from its config: device, data, model (with its activation quantizers),
 method, optimizer, LR scheduler and task, and load the weights a run starts from (``init=<path>``).
-Nothing here trains; :mod:`qtrain.run` puts these objects to work.
+Nothing here trains; :mod:`qtrain.run.runner` puts these objects to work.
 """
 
 from __future__ import annotations
@@ -16,14 +16,16 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from qtrain import checkpoint
 from qtrain.errors import ConfigError, QtrainError
 from qtrain.keys import short_name
 from qtrain.methods import Method
 from qtrain.parallel.ranks import current_ranks
-from qtrain.quant import ActLayer, make_weight_quantizer, quantized_weight_names, resolve_alpha
-from qtrain.train import Classification, Regression
-from qtrain.validate import check_proxy
+from qtrain.quant.act import ActLayer, resolve_alpha
+from qtrain.quant.rules import quantized_weight_names
+from qtrain.quant.weight import make_weight_quantizer
+from qtrain.run.validate import check_proxy
+from qtrain.store import checkpoint
+from qtrain.train.loop import Classification, Regression
 
 
 def pick_device(name: str) -> torch.device:

@@ -1,11 +1,11 @@
 """The float model a quantized run starts from (``init=float``): its config, and which of the run's
-``pretrain`` overrides actually change it.
+``pretrain`` overrides actually change it (float_cache.py keeps and trains it).
 
 The float model is the run's own config with float weights and activations and the plain float
 method, plus the experiment's ``pretrain`` overrides (e.g. the STE cells train at lr 0.01 from a
 float model trained at lr 0.1). ``pretrain.schedule_scale`` gives the float model its own schedule
 (1: the full recipe under a cell run at ``schedule_scale=0.1``); left null, it is the cell's, and
-``pretrain.seed`` keeps one float model under several seeds of the quantized phase. run.py trains and caches it; resume.py names a run by what it computes.
+``pretrain.seed`` keeps one float model under several seeds of the quantized phase. float_cache.py trains and caches it; resume.py names a run by what it computes.
 """
 
 from __future__ import annotations

@@ -1,0 +1,3 @@
+from qtrain.tools.bench.main import main
+
+main()
