@@ -79,7 +79,9 @@ def objective(result: dict | None, key: str) -> float:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
-    from qtrain.run.runner import main_run  # imported here so that `qtrain --help` stays fast
+    # imported here so that `qtrain --help` stays fast
+    from qtrain.run.runner import main_run
+    from qtrain.run.validate import check_added_keys
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -87,6 +89,9 @@ def _hydra_main(cfg: DictConfig) -> float:
     choices = {k: v for k, v in choices.items() if not k.startswith("hydra/")}
     result = None
     try:
+        for line in check_added_keys(list(hc.overrides.task)):
+            if not _other_rank():
+                log.warning("%s", line)
         result = main_run(cfg, run_dir, choices)
     except Interrupted as e:  # a signal: one line, and a sweep stops here too
         args = [a for a in sys.argv[1:] if not a.startswith(("resume=", "-m", "--multirun"))]

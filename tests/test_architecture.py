@@ -20,6 +20,7 @@ LAYERS = {
 #: imports inside a function, each with the reason it is deferred
 DEFERRED = {
     ("cli", "qtrain.run.runner"): "`qtrain --help` stays fast without torch",
+    ("cli", "qtrain.run.validate"): "`qtrain --help` stays fast without torch",
     ("cli", "qtrain.parallel.ranks"): "torch",
     ("cli", "qtrain.parallel.launcher"): "torch",
     ("parallel.ranks", "qtrain.parallel.sync_batchnorm"): "only with sync_bn=true",

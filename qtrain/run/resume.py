@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from qtrain.data import dataset_identity
 from qtrain.errors import ConfigError
 from qtrain.keys import NEUTRAL, VOLATILE, first_spelling
+from qtrain.run.lifecycle import check_writable
 from qtrain.run.float_start import effective_pretrain
 from qtrain.store import checkpoint
 
@@ -115,6 +116,7 @@ def choose_resume(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, dict | N
         if done.get("status") == "complete":
             log.info("resume: %s is already complete; nothing to do", resume_dir)
             return resume_dir, done
+    check_writable(resume_dir, "resume=true" if cfg.resume is True else f"resume={cfg.resume}")
     return resume_dir, None
 
 

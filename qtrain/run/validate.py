@@ -2,21 +2,24 @@
 :class:`ConfigError` paragraph naming the key (exit 2), never a traceback mid-run and never a run
 that silently does something else.
 
-Hydra already rejects unknown keys and group options; this module checks the *values*.
+Hydra already rejects unknown keys and group options; this module checks the *values*, and names the keys
+that a ``+key=value`` override adds but nothing reads (:func:`check_added_keys`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import io
 import logging
 import math
 
 import torch
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from qtrain.errors import ConfigError
-from qtrain.keys import short_name
+from qtrain.keys import CONFIG_DIR, short_name
 from qtrain.quant.rules import QUANT_LAYER_RULES
 from qtrain.quant.weight import WQUANT_RULES
 from qtrain.run.schedule import check_scale
@@ -177,3 +180,48 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
     if warn and _is_int(phase2) and phase2 >= cfg.epochs:
         log.warning("method.phase2_epoch=%d but the run has %d epochs: BinaryRelax's phase II (u = Q(w)) never "
                     "starts, so the whole run trains the relaxed weights", phase2, cfg.epochs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys added on the command line (+key=value) that nothing reads
+# ---------------------------------------------------------------------------------------------
+
+#: nodes whose keys are the user's own: qtrain reads what they hold, whatever it is
+FREE_NODES = ("pretrain", "paper", "hydra")
+#: nodes passed whole to a constructor (_target_): a key it does not take fails there, with its name
+CONSTRUCTOR_NODES = ("data", "model", "method", "optim", "sched", "ste")
+
+
+def _known_keys() -> tuple[set[str], set[str]]:
+    """(top-level keys, act.* keys) of configs/config.yaml, and the config groups."""
+    top = yaml.safe_load((CONFIG_DIR / "config.yaml").read_text())
+    groups = {next(iter(d)) for d in top["defaults"] if isinstance(d, dict)}
+    return set(top) - {"defaults"} | groups, set(top.get("act") or {})
+
+
+def check_added_keys(overrides: list[str]) -> list[str]:
+    """The keys that ``+key=value`` / ``++key=value`` overrides add and no part of qtrain reads: a
+    ConfigError when one is clearly a typo of a known key ("+epoch: did you mean epochs?"), else one
+    warning line each (returned, for the caller to log before training). Hydra itself refuses a
+    plain ``key=value`` whose key does not exist, so only added keys can go unread."""
+    top, act = _known_keys()
+    unread = []
+    for o in overrides:
+        if not o.startswith("+") or "=" not in o:
+            continue
+        key = o.lstrip("+").split("=", 1)[0]
+        head, _, rest = key.partition(".")
+        if head in FREE_NODES or head in CONSTRUCTOR_NODES:
+            continue
+        known = act if head == "act" and rest else top
+        name = rest.split(".")[0] if head == "act" and rest else head
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        prefix = "act." if known is act else ""
+        if close:
+            raise ConfigError(f"+{key}: did you mean {prefix}{close[0]}? No part of qtrain reads {key}; give "
+                              f"{prefix}{close[0]}=... (without +) to set the key qtrain has.")
+        unread.append(f"+{key}: no part of qtrain reads this key, so it changes nothing in training (it is still "
+                      "part of the run's config and fingerprint). Known top-level keys: qtrain --help.")
+    return unread
