@@ -93,3 +93,45 @@ def test_the_qtrain_command_on_a_read_only_mount(stopped_run, tmp_path, mnist_ro
     said = " ".join(r.stderr.split())  # (the CLI wraps its paragraph)
     assert f"the run folder {folder} cannot be written (Read-only file system)" in said and "Traceback" not in said
     assert f"qtrain-eval {folder}" in said
+
+
+# -- every command, with missing or bad input: one paragraph, exit 2 ------------------------------------
+
+
+def bench(*args):
+    return [str(BIN / "qtrain-bench"), "--model", "lenet5", "--data", "mnist", "--batch-size", "16", "--steps", "1",
+            "--warmup", "1", "--rounds", "1", "--variants", "float", *args]
+
+
+def test_bench_times_steps_without_reading_the_dataset(tmp_path):
+    r = run(bench("--no-data", "--data-root", str(tmp_path / "nowhere"), "--json", "b.json"), tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "nowhere").exists() and (tmp_path / "b.json").exists()
+
+
+def test_every_command_says_what_is_wrong_with_its_input(stopped_run, tmp_path):
+    _, folder = stopped_run
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    damaged = tmp_path / "results" / "runs" / "x"
+    damaged.mkdir(parents=True)
+    (damaged / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    (damaged / "result.json").write_text('{"status": "comp')
+    nowhere = str(tmp_path / "nowhere")
+    cases = {
+        "bench, dataset missing": (bench("--data-root", nowhere), "MNIST was not found"),
+        "bench --ddp, dataset missing": ([str(BIN / "qtrain-bench"), "--ddp", "--rounds", "1", "--data-root", nowhere],
+                                         "MNIST was not found"),
+        "eval, no such run": ([str(BIN / "qtrain-eval"), nowhere], "no such checkpoint"),
+        "eval, not a checkpoint": ([str(BIN / "qtrain-eval"), str(tmp_path / "garbage.pt")], "garbage.pt"),
+        "eval, dataset missing": ([str(BIN / "qtrain-eval"), str(folder), "--data-root", nowhere], "MNIST was not found"),
+        "export, no such run": ([str(BIN / "qtrain-export"), nowhere], "no such checkpoint"),
+        "export, dataset missing": ([str(BIN / "qtrain-export"), str(folder), "--data-root", nowhere, "--out",
+                                     str(tmp_path / "e")], "MNIST was not found"),
+        "report, no such folder": ([str(BIN / "qtrain-report"), nowhere], "no such folder"),
+        "report, damaged result.json": ([str(BIN / "qtrain-report"), str(tmp_path / "results")], "is not valid JSON"),
+    }
+    for what, (cmd, says) in cases.items():
+        r = run(cmd, tmp_path)
+        said = " ".join(r.stderr.split())
+        assert r.returncode == 2, f"{what}: exit {r.returncode}\n{r.stderr}"
+        assert says in said and "Traceback" not in said, f"{what}: {r.stderr}"

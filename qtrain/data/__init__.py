@@ -1,7 +1,8 @@
 """Datasets, mirroring configs/data/: each config's ``_target_`` is a factory exported here
 (``qtrain.data.mnist``, ``qtrain.data.idx``, ...), which returns a :class:`~qtrain.data.loaders.DataBundle`.
 
-    builtin.py      MNIST, CIFAR-10/100 (torchvision's files or shared/data's .npz), the teacher problem
+    builtin.py      MNIST, CIFAR-10/100 (torchvision's files or shared/data's .npz), the teacher problem,
+                    synthetic stand-ins (no file read)
     generic.py      data=idx and data=npz: any dataset in those formats, by config alone
     imagefolder.py  ImageNet (an ImageFolder tree): DataLoader workers, per-sample seeded augmentation
     loaders.py      the in-memory batch loader, and sharding a batch over the ranks of a data-parallel run
@@ -18,13 +19,13 @@ import os
 from omegaconf import DictConfig
 
 from qtrain.data import builtin, generic, imagefolder
-from qtrain.data.builtin import cifar10, cifar100, mnist, teacher
+from qtrain.data.builtin import cifar10, cifar100, mnist, synthetic, teacher
 from qtrain.data.generic import idx, npz
 from qtrain.data.identity import content_identity, imagenet_files
 from qtrain.data.imagefolder import imagenet
 from qtrain.keys import short_name
 
-__all__ = ["cifar10", "cifar100", "mnist", "teacher", "idx", "npz", "imagenet", "files_read", "dataset_identity"]
+__all__ = ["cifar10", "cifar100", "mnist", "synthetic", "teacher", "idx", "npz", "imagenet", "files_read", "dataset_identity"]
 
 
 def files_read(name: str, root: str, data_cfg=None):

@@ -12,6 +12,7 @@ import torch
 
 from qtrain.data.loaders import DataBundle, Loading, TensorLoader, image_bundle
 from qtrain.data.readers import check_arrays, load_npz_arrays, missing_error, read_idx, resolve_root
+from qtrain.errors import DataError
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -146,3 +147,25 @@ def teacher(m=20, n=50, n_train=1000, n_test=10000, root=None, **loading):
     train = TensorLoader(f32(tx), f32(ty), lo.batch_size, train=True, seed=lo.seed, device=lo.device)
     test = TensorLoader(f32(vx), f32(vy), lo.test_batch_size, train=False, device=lo.device)
     return DataBundle(train, test, 0, (m, n), task="regression")
+
+
+#: input shape and classes of each built-in dataset (what a synthetic stand-in imitates)
+SHAPES = {"mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100),
+          "imagenet": ((3, 224, 224), 1000)}
+
+
+def synthetic(like="cifar10", n_train=512, n_test=256, root=None, **loading):
+    """Random uint8 images with the shape, classes and normalisation of dataset ``like``, drawn from the
+    seed: no file is read. For timing a training step (qtrain-bench) or a smoke run without the data
+    (``qtrain data=synthetic data.like=mnist model=lenet5``); its accuracy means nothing.
+    ``loading``: batch_size (128), test_batch_size (1000), limit_train, limit_test, augment, seed, device."""
+    if like not in SHAPES:
+        raise DataError(f"data.like={like!r}: a synthetic stand-in imitates one of {', '.join(SHAPES)}.")
+    lo = Loading(**{"batch_size": 128, "test_batch_size": 1000, **loading})
+    shape, classes = SHAPES[like]
+    g = torch.Generator().manual_seed(30_000 + lo.seed)
+    arrays = (torch.randint(0, 256, (n_train, *shape), generator=g, dtype=torch.uint8),
+              torch.randint(0, classes, (n_train,), generator=g),
+              torch.randint(0, 256, (n_test, *shape), generator=g, dtype=torch.uint8),
+              torch.randint(0, classes, (n_test,), generator=g))
+    return image_bundle(arrays, classes, lo, *STATS[like])

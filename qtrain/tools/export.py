@@ -150,7 +150,12 @@ def qtrain_predictions(model: nn.Module, loader) -> torch.Tensor:
 
 
 def export(path: Path, out: Path | None = None, data_root: str | None = None, verify: bool = False) -> dict:
-    from safetensors.torch import save_file
+    try:  # the export extra: safetensors, onnx, onnxruntime (imported only by qtrain-export)
+        import onnx  # noqa: F401
+        from safetensors.torch import save_file
+    except ImportError as e:
+        raise QtrainError(f"qtrain-export needs {e.name}: pip install -e '.[export]' (safetensors, onnx, "
+                          "onnxruntime).") from None
 
     ckpt, state, cfg, data, model, names, method, _ = load_run(path, data_root, channels_last=False)  # ONNX: NCHW
     out = Path(out) if out else ckpt.parent.parent / "export"

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from qtrain.errors import EXIT_BAD_INPUT
+from qtrain.errors import EXIT_BAD_INPUT, QtrainError
 from qtrain.keys import CONFIG_DIR, VOLATILE, short_name
 
 EXPERIMENTS = CONFIG_DIR / "experiment"
@@ -48,13 +48,23 @@ def read_runs(paths: list[Path]) -> list[dict]:
     for base in paths:
         for metrics in sorted(Path(base).glob("**/metrics.jsonl")):
             d = metrics.parent
-            rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-            result = json.loads((d / "result.json").read_text()) if (d / "result.json").exists() else None
+            rows = [_json(metrics, x) for x in metrics.read_text().splitlines() if x.strip()]
+            result = _json(d / "result.json", (d / "result.json").read_text()) if (d / "result.json").exists() \
+                else None
             overrides = d / ".hydra" / "overrides.yaml"
             overrides = overrides if overrides.exists() else d / "overrides.yaml"
             runs.append({"dir": d, "rows": rows, "result": result,
                          "overrides": yaml.safe_load(overrides.read_text()) if overrides.exists() else None})
     return runs
+
+
+def _json(path: Path, text: str):
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise QtrainError(f"{path} is not valid JSON ({e}). qtrain writes it atomically, so the file was damaged "
+                          "or edited afterwards: restore it (git checkout, or the run's own folder) or remove that "
+                          "run folder from the report's input.") from None
 
 
 def override_of(run: dict, key: str) -> str | None:
@@ -538,7 +548,11 @@ def main(argv=None) -> None:
     if missing:
         print(f"qtrain-report: error: no such folder: {', '.join(missing)}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-    tables = report(paths)
+    try:
+        tables = report(paths)
+    except QtrainError as e:
+        print(f"qtrain-report: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     if args.write:
         write_results_md(args.write, tables, paths)
         print(f"wrote {args.write}")
