@@ -3,7 +3,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.qtrain-installed
 DATA   ?= $(shell [ -d ../shared/data ] && cd ../shared/data && pwd)
+ifneq ($(DATA),)
 export QTRAIN_DATA ?= $(DATA)
+endif
 
 .PHONY: install run test repro-ste-mnist repro-ste-mnist-check bench figures report clean
 

@@ -14,8 +14,6 @@ The imports point one way: this file -> the readers of each dataset -> loaders, 
 
 from __future__ import annotations
 
-import os
-
 from omegaconf import DictConfig
 
 from qtrain.data import builtin, generic, imagefolder
@@ -23,6 +21,7 @@ from qtrain.data.builtin import cifar10, cifar100, mnist, synthetic, teacher
 from qtrain.data.generic import idx, npz
 from qtrain.data.identity import content_identity, imagenet_files
 from qtrain.data.imagefolder import imagenet
+from qtrain.data.readers import resolve_root
 from qtrain.keys import short_name
 
 __all__ = ["cifar10", "cifar100", "mnist", "synthetic", "teacher", "idx", "npz", "imagenet", "files_read", "dataset_identity"]
@@ -45,7 +44,7 @@ def dataset_identity(data_cfg: DictConfig) -> str | None:
     root = data_cfg.get("root")
     if root is None:
         return None
-    root = os.path.abspath(os.path.expanduser(str(root)))
+    root = resolve_root(root)
     files = files_read(short_name(data_cfg), root, data_cfg)
     if files is None:
         return None

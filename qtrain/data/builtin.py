@@ -10,6 +10,7 @@ import os
 import numpy as np
 import torch
 
+from qtrain.data.download import fetch
 from qtrain.data.loaders import DataBundle, Loading, TensorLoader, image_bundle
 from qtrain.data.readers import check_arrays, load_npz_arrays, missing_error, read_idx, resolve_root
 from qtrain.errors import DataError
@@ -54,16 +55,27 @@ def files_of(name: str, root: str) -> list[str] | None:
     return None
 
 
+def _fetched(name: str, root: str, download: bool, source) -> str | None:
+    """None when ``data.download`` put the dataset into ``root`` now, else what to say about it."""
+    if not download:
+        return "is not downloaded (data.download=false)"
+    why = fetch(name, root, source)
+    return None if why is None else f"was not downloaded: {why}"
+
+
 @functools.lru_cache(maxsize=2)  # a sweep reads the same files once (the tensors are never modified)
-def read_mnist(root: str):
-    """(train_x, train_y, test_x, test_y) as tensors, from torchvision's layout <root>/MNIST/raw."""
+def read_mnist(root: str, download: bool = False, mirrors: tuple | None = None):
+    """(train_x, train_y, test_x, test_y) as tensors, from torchvision's layout <root>/MNIST/raw;
+    ``download``: fetched there first when missing (qtrain.data.download)."""
     raw = os.path.join(root, "MNIST", "raw")
     find = functools.partial(_mnist_file, raw)
     stems = [s for pair in MNIST_FILES.values() for s in pair]
-    if any(find(s) is None for s in stems):  # never download into (or create folders in) a data root
-        raise missing_error("MNIST", [raw], "the four files " + ", ".join(s + "[.gz]" for s in stems),
-                       "On a machine with internet, `python -c \"import torchvision; "
-                       "torchvision.datasets.MNIST('ROOT', download=True)\"` puts them there.")
+    if any(find(s) is None for s in stems):
+        why = _fetched("mnist", root, download, mirrors)
+        if why is not None:
+            raise missing_error("MNIST", [raw], "the four files " + ", ".join(s + "[.gz]" for s in stems),
+                                "On a machine with internet, `python -c \"import torchvision; "
+                                "torchvision.datasets.MNIST('ROOT', download=True)\"` puts them there.", why)
     arrays = []
     for images, labels in MNIST_FILES.values():
         arrays += [read_idx(find(images), 3), read_idx(find(labels), 1)]
@@ -74,14 +86,18 @@ def read_mnist(root: str):
 
 
 @functools.lru_cache(maxsize=2)
-def read_cifar(root: str, name: str):
-    """CIFAR-10/100 from <root>/<name>.npz (see shared/data/README.md), else torchvision's files."""
+def read_cifar(root: str, name: str, download: bool = False, url: str | None = None):
+    """CIFAR-10/100 from <root>/<name>.npz (see shared/data/README.md), else torchvision's files;
+    ``download``: those fetched there first when neither is there (qtrain.data.download)."""
     npz = os.path.join(root, f"{name}.npz")
     classes = {"cifar10": 10, "cifar100": 100}[name]
+    why = None
+    if not os.path.exists(npz) and files_of(name, root) is None:
+        why = _fetched(name, root, download, url)
     if os.path.exists(npz):
         arrays = load_npz_arrays(npz)
         source = npz
-    else:  # torchvision's extracted pickles, read without downloading (nothing is written into root)
+    else:  # torchvision's extracted pickles, read without downloading (qtrain.data.download fetched them)
         import torchvision
 
         cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
@@ -92,7 +108,7 @@ def read_cifar(root: str, name: str):
                            f"the array file {name}.npz (train_x uint8 [N,32,32,3], train_y, test_x, test_y) "
                            "or torchvision's extracted python pickles",
                            f"On a machine with internet, torchvision.datasets.{cls.__name__}('ROOT', download=True) "
-                           "puts the pickles there.") from None
+                           "puts the pickles there.", why or "cannot be read") from None
         arrays = [tr.data, np.asarray(tr.targets), te.data, np.asarray(te.targets)]
         source = os.path.join(root, CIFAR_PICKLES[name][0])
     check_arrays(source, *arrays, num_classes=classes, image_shape=(32, 32, 3))
@@ -103,21 +119,26 @@ def read_cifar(root: str, name: str):
 
 
 def mnist(root, batch_size=64, test_batch_size=1000, limit_train=None, limit_test=None, augment=None,
-          seed=0, device="cpu"):
+          seed=0, device="cpu", download=False, mirrors=None):
+    """``download``: fetch the files into ``root`` when missing; ``mirrors``: base URLs (torchvision's)."""
     loading = Loading(batch_size, test_batch_size, limit_train, limit_test, augment, seed, device)
-    return image_bundle(read_mnist(resolve_root(root)), 10, loading, *STATS["mnist"])
+    arrays = read_mnist(resolve_root(root), bool(download), tuple(mirrors) if mirrors else None)
+    return image_bundle(arrays, 10, loading, *STATS["mnist"])
 
 
 def cifar10(root, batch_size=128, test_batch_size=1000, limit_train=None, limit_test=None, augment="crop_flip",
-            seed=0, device="cpu"):
+            seed=0, device="cpu", download=False, url=None):
+    """``download``: fetch torchvision's files into ``root`` when missing; ``url``: the archive (torchvision's)."""
     loading = Loading(batch_size, test_batch_size, limit_train, limit_test, augment, seed, device)
-    return image_bundle(read_cifar(resolve_root(root), "cifar10"), 10, loading, *STATS["cifar10"])
+    arrays = read_cifar(resolve_root(root), "cifar10", bool(download), url)
+    return image_bundle(arrays, 10, loading, *STATS["cifar10"])
 
 
 def cifar100(root, batch_size=128, test_batch_size=1000, limit_train=None, limit_test=None, augment="crop_flip",
-             seed=0, device="cpu"):
+             seed=0, device="cpu", download=False, url=None):
     loading = Loading(batch_size, test_batch_size, limit_train, limit_test, augment, seed, device)
-    return image_bundle(read_cifar(resolve_root(root), "cifar100"), 100, loading, *STATS["cifar100"])
+    arrays = read_cifar(resolve_root(root), "cifar100", bool(download), url)
+    return image_bundle(arrays, 100, loading, *STATS["cifar100"])
 
 
 def teacher_problem(m: int, n: int, seed: int):

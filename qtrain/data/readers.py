@@ -11,10 +11,12 @@ import numpy as np
 from qtrain.errors import DataError
 
 
-def missing_error(name: str, looked: list[str], expected: str, how: str) -> DataError:
+def missing_error(name: str, looked: list[str], expected: str, how: str,
+                  download: str = "cannot be downloaded here") -> DataError:
+    """``download``: what became of fetching it (qtrain.data.download), for the datasets that can be."""
     places = ", ".join(looked)
     return DataError(
-        f"{name} was not found (looked at {places}) and cannot be downloaded here. Expected {expected}. "
+        f"{name} was not found (looked at {places}) and {download}. Expected {expected}. "
         f"{how} Point qtrain at the folder with data.root=/abs/path or the QTRAIN_DATA environment variable."
     )
 
@@ -80,4 +82,5 @@ def load_npz_arrays(path: str) -> list[np.ndarray]:
 
 
 def resolve_root(root) -> str:
-    return os.path.abspath(os.path.expanduser(str(root)))
+    """An absolute data root; an empty one (an empty $QTRAIN_DATA) counts as unset: ./data."""
+    return os.path.abspath(os.path.expanduser(str(root or "").strip() or "data"))

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qtrain.data import dataset_identity
 from qtrain.errors import ConfigError
-from qtrain.keys import NEUTRAL, VOLATILE, first_spelling
+from qtrain.keys import DATA_SOURCE_KEYS, NEUTRAL, VOLATILE, first_spelling
 from qtrain.run.lifecycle import check_writable
 from qtrain.run.float_start import effective_pretrain
 from qtrain.store import checkpoint
@@ -55,7 +55,8 @@ def identity(cfg: DictConfig) -> dict:
         if isinstance(node, dict) and leaf in node and node[leaf] == neutral:
             node.pop(leaf)
     # The dataset by what it is (its files' content), not by where it lives.
-    c.get("data", {}).pop("root", None)
+    for key in DATA_SOURCE_KEYS:
+        c.get("data", {}).pop(key, None)
     c["data_identity"] = dataset_identity(cfg.data)
     return c
 
