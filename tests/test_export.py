@@ -75,3 +75,77 @@ def test_export_of_a_missing_run_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         export.main([str(tmp_path / "nothing")])
     assert e.value.code == 2 and "no such checkpoint" in capsys.readouterr().err
+
+
+def _small_run(tmp_path, data_overrides, name):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from tests.conftest import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["method=bcgd", "wbits=1", "abits=2", "epochs=1",
+                                                       *data_overrides])
+    with open_dict(cfg):
+        cfg.progress, cfg.device = False, "cpu"
+    run = tmp_path / name
+    train_run(cfg, run)
+    return run
+
+
+@pytest.mark.parametrize("data", ["mnist", "cifar10", "npz", "idx"])
+def test_the_default_export_takes_stored_images_and_matches_qtrain_on_every_sample(tmp_path, mnist_root,
+                                                                                 fake_cifar_root, data):
+    """uint8 [N, C, H, W] in, the normalisation inside the graph: onnxruntime's predictions are qtrain's on
+    every test sample, and the metadata says how to feed the model."""
+    import onnx
+
+    given = {"mnist": [f"data.root={mnist_root}", "data.limit_train=512", "data.limit_test=300"],
+             "cifar10": ["data=cifar10", "model=resnet20", f"data.root={fake_cifar_root}", "data.batch_size=16"],
+             "npz": ["data=npz", "model=resnet20", f"data.root={fake_cifar_root}", "data.file=cifar10.npz",
+                     "data.num_classes=10", "data.batch_size=16"],
+             "idx": ["data=idx", f"data.root={mnist_root}", "data.folder=MNIST/raw", "data.limit_train=512",
+                     "data.limit_test=300"]}[data]
+    report = export.export(_small_run(tmp_path, given, data), tmp_path / "out", verify=True)
+    assert report["input"] == "uint8" and report["onnx_ort_enable_basic"]["same_predictions"] == 1.0
+    proto = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    props = {p.key: p.value for p in proto.metadata_props}
+    pre = json.loads(props["qtrain.preprocessing"])
+    assert pre["rule"] == "shift_scale" and len(pre["mean"]) == len(pre["std"]) == (3 if data in ("cifar10", "npz") else 1)
+    assert props["qtrain.num_classes"] == "10" and json.loads(props["qtrain.activations"])
+    assert report["metadata"]["qtrain.preprocessing"] == pre  # export.json says the same
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["qtrain.preprocessing"]) == pre
+
+
+def test_the_qdq_export_differs_from_the_staircase_only_at_the_ties(tmp_path):
+    alpha, bits = 0.1946, 4
+    k = torch.arange(-2, 18, dtype=torch.float32)
+    ties = k * alpha
+    random = torch.randn(20000) * 2
+    random = random[((random / alpha) - (random / alpha).round()).abs() > 1e-4]  # away from the ties
+    others = torch.cat([torch.nextafter(ties, ties + 1), torch.nextafter(ties, ties - 1), random])
+    path = tmp_path / "q.onnx"
+    x = torch.cat([ties, others])
+    export.write_onnx(export.QDQStaircase(bits, alpha), (x.numel(),), path)
+    import onnx
+
+    assert {"QuantizeLinear", "DequantizeLinear", "Clip"} <= {n.op_type for n in onnx.load(str(path)).graph.node}
+    got = torch.from_numpy(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                           .run(None, {"input": x[None].numpy()})[0][0])
+    want = staircase(x, torch.tensor(alpha), bits)
+    near = 3 * len(ties)  # the ties and their float neighbours: x / alpha + 1/2 may round to the tie there
+    assert torch.equal(got[near:], want[near:])  # every other input: the same level
+    assert (got[:near] != want[:near]).any() and ((got[:near] - want[:near]).abs() <= alpha * 1.0001).all()
+
+
+def test_qdq_and_float_input_exports_verify(trained_run, tmp_path):
+    report = export.export(trained_run, tmp_path / "q", verify=True, fmt="qdq")
+    assert report["format"] == "qdq" and report["onnx_ort_enable_basic"]["same_predictions"] >= 0.99
+    floats = export.export(trained_run, tmp_path / "f", verify=True, kind="float")
+    assert floats["onnx_ort_enable_basic"]["same_predictions"] == 1.0
+    import onnx
+
+    assert onnx.load(str(tmp_path / "f" / "model.onnx")).graph.input[0].type.tensor_type.elem_type == \
+        onnx.TensorProto.FLOAT

@@ -147,6 +147,9 @@ def imagenet(root, batch_size=256, test_batch_size=256, limit_train=None, limit_
         train_set = torch.utils.data.Subset(train_set, range(min(limit_train, len(train_set))))
     if limit_test is not None:
         test_set = torch.utils.data.Subset(test_set, range(min(limit_test, len(test_set))))
+    mean, std = STATS["imagenet"]  # torchvision's ToTensor (x / 255) then Normalize, after Resize + CenterCrop
+    pre = {"input": "uint8", "layout": "NCHW", "mean": list(mean), "std": list(std), "rule": "divide_normalize",
+           "resize": int(image_size * 256 / 224), "crop": image_size}
     return DataBundle(ImageLoader(train_set, batch_size, True, seed, workers, device),
                       ImageLoader(test_set, test_batch_size, False, seed, workers, device),
-                      classes, (3, image_size, image_size))
+                      classes, (3, image_size, image_size), preprocessing=pre)

@@ -24,6 +24,9 @@ class DataBundle:
     num_classes: int  # 0 for regression
     input_shape: tuple
     task: str = "classification"  # or "regression" (squared loss, no accuracy)
+    #: how the model's input is made from the images as the dataset stores them (uint8 [N, C, H, W]): the
+    #: per-channel ``mean``/``std`` (of x / 255) and the ``rule`` the loader applies; None for float data
+    preprocessing: dict | None = None
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -180,4 +183,6 @@ def image_bundle(arrays, num_classes: int, loading: Loading, mean, std) -> DataB
     train = TensorLoader(tx, ty, loading.batch_size, train=True, seed=loading.seed, augment=loading.augment,
                          mean=mean, std=std, device=loading.device)
     test = TensorLoader(vx, vy, loading.test_batch_size, train=False, mean=mean, std=std, device=loading.device)
-    return DataBundle(train, test, num_classes, tuple(tx.shape[1:]))
+    pre = {"input": "uint8", "layout": "NCHW", "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+           "rule": "shift_scale"}  # (x - 255 mean) * (1 / (255 std)), in float32 (TensorLoader)
+    return DataBundle(train, test, num_classes, tuple(tx.shape[1:]), preprocessing=pre)

@@ -3,6 +3,13 @@
     qtrain-export outputs/runs/<...>/s0_<time>            -> <run>/export/model.safetensors, model.onnx
     qtrain-export run_dir --out exported/ --verify       also runs the ONNX model with onnxruntime on the
                                                           test set and compares with qtrain's own evaluation
+    qtrain-export run_dir --format qdq --verify --bench  the integer-kernel (QDQ) graph, its accuracy, and
+                                                          images/s beside the float network's
+
+The model takes the images as the dataset stores them (uint8 [N, C, H, W]) and normalises them inside the
+graph, exactly as qtrain's loader does; ``--input float`` takes the normalised float tensor instead. The
+mean/std, the class count, the input layout, and each activation's bits and alpha are in the ONNX metadata
+(``metadata_props``, keys ``qtrain.*``), in export.json and in the safetensors metadata.
 
 model.safetensors
     per quantized layer ``<layer>.weight.codes`` (int8) and ``<layer>.weight.scale`` (float32, one value):
@@ -10,13 +17,20 @@ model.safetensors
     (batch-norm statistics, biases, the float layers) as float32; per quantized activation
     ``<act>.alpha``; the bits of each quantized activation and the config in the metadata.
 
-model.onnx (opset 17)
+model.onnx (opset 17), --format exact (the default)
     each quantized weight is an int8 initializer (the codes) with its scale, turned into the float
     weight by a standard DequantizeLinear node; each quantized activation is the ceil staircase
     alpha * Clip(Ceil(x / alpha), 0, 2^b - 1), written with Div/Ceil/Clip/Mul. (ONNX's QuantizeLinear
     rounds half to even, which cannot express ceil exactly at the ties x = k alpha; these four ops
     compute the same float32 operations as qtrain's training code.) Running it needs onnxruntime only,
     none of qtrain's code.
+
+model.onnx, --format qdq
+    the form runtimes (ONNX Runtime, TensorRT, OpenVINO) turn into integer kernels: each activation is
+    Clip(x, 0, (2^b - 1.5) alpha) + alpha/2, then QuantizeLinear/DequantizeLinear with scale alpha
+    (uint8): round(x / alpha + 1/2) is ceil(x / alpha) except at the ties x = k alpha, where the round
+    half to even of QuantizeLinear may give k + 1 (the Clip's upper end keeps the top level at 2^b - 1).
+    The weights are int8 initializers with DequantizeLinear, as in the exact graph.
 
 --verify runs the ONNX model with onnxruntime on the run's test set and compares its predictions
 with qtrain's evaluation of the checkpoint, at ORT_ENABLE_BASIC (identical on every sample in our
@@ -38,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtrain.errors import QtrainError
+from qtrain.keys import short_name
 from qtrain.quant.act import QuantReLU
 from qtrain.quant.weight import make_code_quantizer
 from qtrain.tools.eval import load_run
@@ -76,6 +91,50 @@ class QuantizedWeight(nn.Module):
         return F.linear(x, w, layer.bias)
 
 
+class ShiftScale(nn.Module):
+    """uint8 images -> the model's input exactly as qtrain's in-memory loader makes it (float32):
+    (x - 255 mean) * (1 / (255 std)); exported as Cast, Sub, Mul."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        shape = (1, -1, 1, 1)
+        self.register_buffer("shift", (torch.tensor(mean) * 255).view(shape))
+        self.register_buffer("scale", (1.0 / (torch.tensor(std) * 255)).view(shape))
+
+    def forward(self, x):
+        return (x.float() - self.shift) * self.scale
+
+
+class DivideNormalize(nn.Module):
+    """uint8 images -> the input as torchvision's ToTensor + Normalize make it (the ImageNet loader)."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x.float() / 255 - self.mean) / self.std
+
+
+PREPROCESS = {"shift_scale": ShiftScale, "divide_normalize": DivideNormalize}
+
+
+class QDQStaircase(nn.Module):
+    """The staircase in the form runtimes fuse into integer kernels: Clip, a half-step shift, then
+    QuantizeLinear/DequantizeLinear (uint8, scale alpha): ceil(x / alpha) except at the ties x = k alpha."""
+
+    def __init__(self, bits: int, alpha: float):
+        super().__init__()
+        self.top = 2**bits - 1
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+
+    def forward(self, x):
+        a = float(self.alpha)
+        x = torch.clamp(x, 0.0, (self.top - 0.5) * a) + 0.5 * a
+        return torch.fake_quantize_per_tensor_affine(x, a, 0, 0, 255)
+
+
 class Staircase(nn.Module):
     """sigma_alpha(x) = alpha * clamp(ceil(x / alpha), 0, 2^b - 1): qtrain's forward, in plain ops."""
 
@@ -93,13 +152,15 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def export_model(model: nn.Module, cfg, names: list[str]):
-    """(export module, safetensors dict, metadata): codes and scales of every quantized weight."""
+def export_model(model: nn.Module, cfg, names: list[str], fmt: str = "exact"):
+    """(export module, safetensors dict, metadata): codes and scales of every quantized weight, each
+    activation as the exact staircase (``fmt="exact"``) or its QDQ form (``"qdq"``)."""
     import copy
 
     codes_fn = make_code_quantizer(cfg.wbits, cfg.wquant)
     model = copy.deepcopy(model).eval()
     tensors, meta = {}, {"format": "qtrain-export/1", "wbits": str(cfg.wbits), "abits": str(cfg.abits)}
+    activation = QDQStaircase if fmt == "qdq" else Staircase
     for name in names:
         layer_name = name.removesuffix(".weight")
         layer = model.get_submodule(layer_name)
@@ -115,7 +176,7 @@ def export_model(model: nn.Module, cfg, names: list[str]):
             alpha = float(m.alpha.detach())
             tensors[f"{name}.alpha"] = torch.tensor([alpha])
             meta[f"{name}.bits"] = str(m.bits)
-            _set_module(model, name, Staircase(m.bits, alpha))
+            _set_module(model, name, activation(m.bits, alpha))
     # everything else of the state dict, as float32 (the quantized weights are replaced by their codes)
     for key, value in model.state_dict().items():
         if key.endswith((".codes", ".scale", ".zero_point", ".alpha")) or not value.is_floating_point():
@@ -124,60 +185,149 @@ def export_model(model: nn.Module, cfg, names: list[str]):
     return model, tensors, meta
 
 
-def write_onnx(model: nn.Module, input_shape, path: Path) -> None:
+def write_onnx(model: nn.Module, input_shape, path: Path, dtype=torch.float32, metadata: dict | None = None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(1, *input_shape),), str(path), dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"], do_constant_folding=False,
+        torch.onnx.export(model, (torch.zeros(1, *input_shape, dtype=dtype),), str(path), dynamo=False,
+                          opset_version=17, input_names=["input"], output_names=["logits"], do_constant_folding=False,
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    if metadata:
+        import onnx
+
+        proto = onnx.load(str(path))
+        onnx.helper.set_model_props(proto, metadata)
+        onnx.save(proto, str(path))
 
 
-def onnx_predictions(path: Path, loader, level: str = "ORT_ENABLE_BASIC") -> torch.Tensor:
-    """Predictions of the ONNX model under onnxruntime (CPU) at graph optimisation ``level``."""
+def float_network(model: nn.Module) -> nn.Module:
+    """The same network with its latent float weights and float ReLUs: the speed baseline of --bench."""
+    import copy
+
+    net = copy.deepcopy(model).eval()
+    for name, m in list(net.named_modules()):
+        if isinstance(m, QuantReLU):
+            _set_module(net, name, nn.ReLU())
+    return net
+
+
+def session(path: Path, level: str = "ORT_ENABLE_BASIC", threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    preds = [torch.from_numpy(session.run(["logits"], {"input": x.float().contiguous().numpy()})[0]).argmax(1)
-             for x, _ in loader]
-    return torch.cat(preds)
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_predictions(path: Path, batches, level: str = "ORT_ENABLE_BASIC") -> torch.Tensor:
+    """Predictions of the ONNX model under onnxruntime (CPU) at graph optimisation ``level``."""
+    run = session(path, level)
+    return torch.cat([torch.from_numpy(run.run(["logits"], {"input": x})[0]).argmax(1) for x in batches])
 
 
 @torch.no_grad()
 def qtrain_predictions(model: nn.Module, loader) -> torch.Tensor:
-    return torch.cat([model(x).argmax(1) for x, _ in loader])
+    return torch.cat([model(x).argmax(1) for x in loader])
 
 
-def export(path: Path, out: Path | None = None, data_root: str | None = None, verify: bool = False) -> dict:
+def input_batches(data, kind: str) -> list:
+    """The test set as the exported model takes it: uint8 images as the dataset stores them (the
+    in-memory loader's tensors), or the normalised float batches qtrain trains on."""
+    if kind == "float":
+        return [x.float().contiguous().cpu().numpy() for x, _ in data.test]
+    loader = data.test
+    if not hasattr(loader, "x") or loader.x.dtype != torch.uint8:
+        raise QtrainError("--verify with --input uint8 needs the test images in memory (MNIST, CIFAR, data=idx, "
+                          "data=npz); for ImageNet verify with --input float.")
+    return [loader.x[i:i + loader.batch_size].contiguous().cpu().numpy() for i in range(0, len(loader.x),
+                                                                                       loader.batch_size)]
+
+
+def images_per_s(path: Path, batches, rounds: int = 5, threads: int | None = None) -> dict:
+    """Inference throughput under ORT_ENABLE_ALL over the test batches: the median of ``rounds`` passes."""
+    import statistics
+    import time
+
+    run = session(path, "ORT_ENABLE_ALL", threads)
+    n = sum(len(x) for x in batches)
+    run.run(["logits"], {"input": batches[0]})  # warm-up
+    rates = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for x in batches:
+            run.run(["logits"], {"input": x})
+        rates.append(n / (time.perf_counter() - t))
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "rounds": rounds}
+
+
+def metadata_of(cfg, data, exported: nn.Module, kind: str, fmt: str) -> dict:
+    """What whoever receives the file needs to feed it: the input, its normalisation, the classes, and
+    each quantized activation's bits and alpha."""
+    pre = data.preprocessing if kind == "uint8" else None
+    acts = {n: {"bits": m.top.bit_length() if isinstance(m, QDQStaircase) else m.bits, "alpha": float(m.alpha)}
+            for n, m in exported.named_modules() if isinstance(m, (Staircase, QDQStaircase))}
+    return {"qtrain.format": fmt, "qtrain.input": json.dumps(
+                {"dtype": kind, "layout": "NCHW", "shape": ["N", *data.input_shape]} if kind == "uint8" else
+                {"dtype": "float32", "layout": "NCHW", "shape": ["N", *data.input_shape],
+                 "normalised": "as qtrain's loader (see qtrain.preprocessing)"}),
+            "qtrain.preprocessing": json.dumps(data.preprocessing), "qtrain.inside_graph": str(pre is not None),
+            "qtrain.num_classes": str(data.num_classes), "qtrain.wbits": str(cfg.wbits),
+            "qtrain.abits": str(cfg.abits), "qtrain.activations": json.dumps(acts)}
+
+
+def export(path: Path, out: Path | None = None, data_root: str | None = None, verify: bool = False,
+           kind: str = "uint8", fmt: str = "exact", bench: bool = False) -> dict:
     try:  # the export extra: safetensors, onnx, onnxruntime (imported only by qtrain-export)
         import onnx  # noqa: F401
         from safetensors.torch import save_file
     except ImportError as e:
         raise QtrainError(f"qtrain-export needs {e.name}: pip install -e '.[export]' (safetensors, onnx, "
                           "onnxruntime).") from None
-
     ckpt, state, cfg, data, model, names, method, _ = load_run(path, data_root, channels_last=False)  # ONNX: NCHW
+    if kind == "uint8" and data.preprocessing is None:
+        raise QtrainError(f"{short_name(cfg.data)} gives float inputs, not images: export it with --input float.")
     out = Path(out) if out else ckpt.parent.parent / "export"
     out.mkdir(parents=True, exist_ok=True)
-    exported, tensors, meta = export_model(model, cfg, names)
-    meta["config"] = json.dumps(state["config"], default=str)
+    exported, tensors, meta = export_model(model, cfg, names, fmt)
+    graph = exported
+    if kind == "uint8":  # the normalisation inside the graph: images in as the dataset stores them
+        pre = data.preprocessing
+        graph = nn.Sequential(PREPROCESS[pre["rule"]](pre["mean"], pre["std"]), exported).eval()
+    props = metadata_of(cfg, data, exported, kind, fmt)
+    meta.update(props, config=json.dumps(state["config"], default=str))
     save_file(tensors, str(out / "model.safetensors"), metadata=meta)
-    write_onnx(exported, data.input_shape, out / "model.onnx")
+    write_onnx(graph, data.input_shape, out / "model.onnx", torch.uint8 if kind == "uint8" else torch.float32,
+               props)
     report = {"checkpoint": str(ckpt), "safetensors": str(out / "model.safetensors"), "onnx": str(out / "model.onnx"),
-              "quantized_layers": len(names)}
+              "format": fmt, "input": kind, "quantized_layers": len(names),
+              "metadata": {k: (json.loads(v) if v.startswith(("{", "[")) else v) for k, v in props.items()}}
+    if verify or bench:
+        batches = input_batches(data, kind)
     if verify:
-        labels = torch.cat([y for _, y in data.test])
-        with method.evaluations()[0][1]:  # qtrain's own evaluation: Q(w) installed, as the run's test/acc
-            ours = qtrain_predictions(model, data.test)
-        report.update({"test_samples": len(labels), "qtrain_test_acc": 100 * int((ours == labels).sum()) / len(labels)})
-        # ORT_ENABLE_ALL adds layout transforms and fusions that sum the convolutions in another order;
-        # a last-bit difference can move an activation across a staircase step, so both are reported
-        for level in ("ORT_ENABLE_BASIC", "ORT_ENABLE_ALL"):
-            theirs = onnx_predictions(out / "model.onnx", data.test, level)
-            report[f"onnx_{level.lower()}"] = {"same_predictions": int((ours == theirs).sum()) / len(labels),
-                                               "test_acc": 100 * int((theirs == labels).sum()) / len(labels)}
+        report.update(_verify(out / "model.onnx", model, method, data, batches))
+    if bench:
+        float_path = out / "float_network.onnx"
+        write_onnx(float_network(model), data.input_shape, float_path)
+        floats = input_batches(data, "float")
+        report["images_per_s_ort_enable_all"] = {"float network (latent weights, ReLU)": images_per_s(float_path, floats),
+                                                f"{fmt} graph": images_per_s(out / "model.onnx", batches)}
     (out / "export.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _verify(path: Path, model: nn.Module, method, data, batches) -> dict:
+    """onnxruntime's predictions on the test set beside qtrain's evaluation of the checkpoint."""
+    labels = torch.cat([y for _, y in data.test])
+    with method.evaluations()[0][1]:  # qtrain's own evaluation: Q(w) installed, as the run's test/acc
+        ours = qtrain_predictions(model, (x for x, _ in data.test))
+    report = {"test_samples": len(labels), "qtrain_test_acc": 100 * int((ours == labels).sum()) / len(labels)}
+    # ORT_ENABLE_ALL adds layout transforms and fusions that sum the convolutions in another order;
+    # a last-bit difference can move an activation across a staircase step, so both are reported
+    for level in ("ORT_ENABLE_BASIC", "ORT_ENABLE_ALL"):
+        theirs = onnx_predictions(path, batches, level)
+        report[f"onnx_{level.lower()}"] = {"same_predictions": int((ours == theirs).sum()) / len(labels),
+                                           "test_acc": 100 * int((theirs == labels).sum()) / len(labels)}
     return report
 
 
@@ -189,9 +339,18 @@ def main(argv=None) -> None:
     p.add_argument("--data-root", help="where the data is on this machine (default: as when it was trained)")
     p.add_argument("--verify", action="store_true",
                    help="run the ONNX model on the test set with onnxruntime and compare with qtrain's predictions")
+    p.add_argument("--input", choices=["uint8", "float"], default="uint8",
+                   help="uint8: images as the dataset stores them, normalised inside the graph (default); "
+                        "float: the normalised float tensor")
+    p.add_argument("--format", choices=["exact", "qdq"], default="exact",
+                   help="exact: the ceil staircase op for op (default); qdq: QuantizeLinear/DequantizeLinear, the "
+                        "form runtimes run on integer kernels")
+    p.add_argument("--bench", action="store_true",
+                   help="images/s under onnxruntime (ORT_ENABLE_ALL, median of 5 passes over the test set) of "
+                        "this graph and of the float network")
     args = p.parse_args(argv)
     try:
-        report = export(args.path, args.out, args.data_root, args.verify)
+        report = export(args.path, args.out, args.data_root, args.verify, args.input, args.format, args.bench)
     except QtrainError as e:
         print(f"qtrain-export: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
