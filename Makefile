@@ -7,7 +7,7 @@ ifneq ($(DATA),)
 export QTRAIN_DATA ?= $(DATA)
 endif
 
-.PHONY: install run test repro-ste-mnist repro-ste-mnist-check bench figures report clean
+.PHONY: install run test lint repro-ste-mnist repro-ste-mnist-check bench figures report clean
 
 # Re-install only when the project metadata changes (a second `make` does nothing).
 $(STAMP): pyproject.toml
@@ -22,6 +22,10 @@ run: install
 
 test: install
 	$(VENV)/bin/pytest -q $(ARGS)
+
+# undefined names, unused imports, syntax errors (pyproject.toml [tool.ruff.lint])
+lint: install
+	$(VENV)/bin/ruff check qtrain tests scripts
 
 # [STE] Table 1, MNIST block: float LeNet-5 (trained once per seed, cached) then all 6 cells.
 # resume=true: cells already finished are skipped, interrupted ones continue.
