@@ -26,6 +26,10 @@ VOLATILE = ("resume", "progress", "device", "stop_after_epoch", "out_dir", "pape
 #: Every key added to the config from now on belongs here with its neutral value.
 NEUTRAL = {"schedule_scale": 1, "sched.interval": "epoch", "devices": 1, "sync_bn": False}
 
+#: dotted keys that choose *how* something is computed, never *what*: implementations that give bitwise the
+#: same results (tests/test_compact.py), left out of the fingerprint whatever their value
+SAME_RESULT_KEYS = ("act.impl",)
+
 #: ``data.*`` keys that say where a dataset is, or where it is fetched from, not what it is: left out of
 #: the fingerprint, which holds the dataset's content identity instead (qtrain.data.dataset_identity)
 DATA_SOURCE_KEYS = ("root", "download", "mirrors", "url")

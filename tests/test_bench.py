@@ -35,3 +35,13 @@ def test_resnet20_bench_has_the_plain_pytorch_floor(tmp_path, fake_cifar_root):
                 "--variants", "float", "--json", str(out)])
     rows = {r["variant"]: r for r in json.loads(out.read_text())["steps"]}
     assert rows[bench.FLOOR]["ratio_to_plain"] == 1.0 and rows["float"]["ratio_to_plain"] > 0
+
+
+def test_saved_bytes_per_variant_and_implementation(tmp_path):
+    out = tmp_path / "mem.json"
+    bench.main(["--saved-bytes", "--model", "lenet5", "--data", "mnist", "--batch-size", "16", "--abits", "2",
+                "--device", "cpu", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["variant"] == "float" and rows[0]["ratio_to_float"] == 1.0
+    by = {(r["variant"], r["impl"]): r["ratio_to_float"] for r in rows}
+    assert by[("a2 (float weights)", "compact")] < by[("a2 (float weights)", "reference")]

@@ -15,7 +15,12 @@ import torch
 from torch import nn
 
 from qtrain.errors import ConfigError
+from qtrain.quant.compact import CompactSTE
 from qtrain.quant.ste import ALPHA_GRADS, ROUNDINGS, STES, ProxySTE
+
+#: act.impl: the estimators of ste.py (the ground truth), or those of compact.py (bitwise the same results,
+#: one byte per element kept for the backward instead of the float input)
+IMPLS = ("reference", "compact")
 
 # ---------------------------------------------------------------------------------------------
 # Activation resolution alpha
@@ -91,6 +96,7 @@ class QuantReLU(nn.Module):
             raise ConfigError(f"act.rounding must be one of {ROUNDINGS}, got {rounding!r}.")
         if learn_alpha and alpha_grad not in ALPHA_GRADS:
             raise ConfigError(f"act.alpha_grad must be one of {ALPHA_GRADS}, got {alpha_grad!r}.")
+        self.impl = "reference"
         self.bits, self.ste, self.rounding = int(bits), ste, rounding
         self.proxy = proxy
         self.enabled = True
@@ -103,6 +109,13 @@ class QuantReLU(nn.Module):
         else:
             self.register_buffer("alpha", value)
 
+    def implemented_by(self, impl: str) -> "QuantReLU":
+        """How the activation is computed (``act.impl``), never what: every choice gives the same results."""
+        if impl not in IMPLS:
+            raise ConfigError(f"act.impl must be one of {', '.join(IMPLS)}, got {impl!r}.")
+        self.impl = impl
+        return self
+
     def share_alpha_with(self, other: "QuantReLU") -> None:
         """Use ``other``'s learned alpha (one alpha per ResNet block, as the [BCGD] code)."""
         if isinstance(self.alpha, nn.Parameter) and isinstance(other.alpha, nn.Parameter):
@@ -114,6 +127,8 @@ class QuantReLU(nn.Module):
             return torch.relu(x)
         if self.ste == "proxy":
             return ProxySTE.apply(x, self.alpha, self.bits, self.rounding, self.proxy)
+        if self.impl == "compact":  # the same levels, masks and alpha gradient, one byte kept per element
+            return CompactSTE.apply(x, self.alpha, self.bits, self.rounding, self.alpha_grad, self.ste)
         return STES[self.ste].apply(x, self.alpha, self.bits, self.rounding, self.alpha_grad)
 
     def extra_repr(self):
@@ -161,12 +176,13 @@ class ActLayer:
     alpha_clamp: tuple = (1e-3, 5.0)
     share_block_alpha: bool = False
     proxy: object = None
+    impl: str = "reference"
 
     def __call__(self, share_with: nn.Module | None = None) -> nn.Module:
         if self.bits is None:  # in place, as torchvision's models: saves an allocation per activation
             return nn.ReLU(inplace=True)
         act = QuantReLU(self.bits, self.alpha, self.ste, self.rounding, self.learn_alpha, self.alpha_grad,
-                        self.alpha_grad_scale, self.alpha_grad_clip, self.alpha_clamp, self.proxy)
+                        self.alpha_grad_scale, self.alpha_grad_clip, self.alpha_clamp, self.proxy).implemented_by(self.impl)
         if share_with is not None and self.share_block_alpha:
             act.share_alpha_with(share_with)
         return act

@@ -55,7 +55,8 @@ def build_act_layer(cfg: DictConfig) -> ActLayer:
     alpha = resolve_alpha(cfg.abits, a.alpha, a.rounding) if cfg.abits is not None else 1.0
     return ActLayer(bits=cfg.abits, alpha=alpha, ste=ste, rounding=a.rounding, learn_alpha=a.learn_alpha,
                     alpha_grad=a.alpha_grad, alpha_grad_scale=a.alpha_grad_scale, alpha_grad_clip=a.alpha_grad_clip,
-                    alpha_clamp=tuple(a.alpha_clamp), share_block_alpha=a.share_block_alpha, proxy=proxy)
+                    alpha_clamp=tuple(a.alpha_clamp), share_block_alpha=a.share_block_alpha, proxy=proxy,
+                    impl=a.get("impl", "reference"))
 
 
 def instantiate_node(node, **kwargs):

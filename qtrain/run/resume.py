@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qtrain.data import dataset_identity
 from qtrain.errors import ConfigError
-from qtrain.keys import DATA_SOURCE_KEYS, NEUTRAL, VOLATILE, first_spelling
+from qtrain.keys import DATA_SOURCE_KEYS, NEUTRAL, SAME_RESULT_KEYS, VOLATILE, first_spelling
 from qtrain.run.lifecycle import check_writable
 from qtrain.run.float_start import effective_pretrain
 from qtrain.store import checkpoint
@@ -57,6 +57,12 @@ def identity(cfg: DictConfig) -> dict:
     # The dataset by what it is (its files' content), not by where it lives.
     for key in DATA_SOURCE_KEYS:
         c.get("data", {}).pop(key, None)
+    for dotted in SAME_RESULT_KEYS:
+        node, leaf = c, dotted.split(".")
+        for part in leaf[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf[-1], None)
     c["data_identity"] = dataset_identity(cfg.data)
     return c
 

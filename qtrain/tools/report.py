@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from qtrain.errors import EXIT_BAD_INPUT, QtrainError
-from qtrain.keys import CONFIG_DIR, VOLATILE, short_name
+from qtrain.keys import CONFIG_DIR, SAME_RESULT_KEYS, VOLATILE, short_name
 
 EXPERIMENTS = CONFIG_DIR / "experiment"
 
@@ -78,7 +78,7 @@ def override_of(run: dict, key: str) -> str | None:
 #: leaves out of a run's fingerprint (its VOLATILE; a test keeps the two in step). Any other override
 #: (optim.lr=0.01) makes the run a variant with a row of its own, never a second seed of the cell.
 SAME_CELL_KEYS = {"experiment", "seed", "schedule_scale", "init", "pretrain.schedule_scale", "pretrain.seed",
-                  *VOLATILE}
+                  *VOLATILE, *SAME_RESULT_KEYS}
 
 
 def variant_of(run: dict) -> str:

@@ -31,7 +31,7 @@ from qtrain.data.builtin import SHAPES, mnist
 from qtrain.errors import QtrainError
 from qtrain.keys import CONFIG_DIR
 from qtrain.run.build import build, instantiate_node
-from qtrain.tools.bench import ddp, loader
+from qtrain.tools.bench import ddp, loader, memory
 from qtrain.tools.bench.floor import plain_step
 from qtrain.train.loop import Training, train_one_epoch
 
@@ -229,6 +229,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--loader-workers", type=int, nargs="*", default=[0, 1, 2], help="with --loader: worker counts")
     p.add_argument("--ddp", action="store_true",
                    help="instead: LeNet-5 step time of devices=2 (Gloo, CPU) vs devices=1, and plain PyTorch DDP")
+    p.add_argument("--saved-bytes", action="store_true",
+                   help="instead: the bytes autograd keeps for backward in one forward of each variant (act.impl "
+                        "reference and compact), against the float network's")
     return p
 
 
@@ -249,6 +252,8 @@ def bench(argv=None):
         return bench_ddp(args, command)
     if args.loader:
         return bench_loader(args, command)
+    if args.saved_bytes:
+        return bench_saved_bytes(args, command)
     names = list(variants(args.abits))
     args.variants = args.variants or names
     unknown = [v for v in args.variants if v not in names]
@@ -286,6 +291,27 @@ def print_steps(info: dict, args, rows: list[dict]) -> None:
         t = r["median_step_ms"] / 1e3 if args.full_epoch else r["median_step_ms"]
         print(f"| {r['variant']} | {t:.2f} | {r['images_per_s']:,.0f} | {r['ratio_to_float']:.2f} | {plain} "
               f"| {peak} |")
+
+
+def bench_saved_bytes(args, command: str) -> None:
+    """Bytes kept for backward per variant and implementation, as a ratio to the float network's."""
+    device = torch.device(args.device)
+    rows = []
+    for name, overrides in variants(args.abits).items():
+        for impl in (("reference",) if name == "float" else ("reference", "compact")):
+            x, _ = build_variant(args, overrides + [f"act.impl={impl}"], device, batch_only=True)
+            built = build(make_cfg(args, overrides + [f"act.impl={impl}"], real_data=False), device)
+            model = built.model.to(memory_format=torch.channels_last) if x.dim() == 4 else built.model
+            built.method.prepare_forward()
+            rows.append({"variant": name, "impl": impl, "saved_mib": memory.saved_bytes(model, x) / 2**20})
+    base = rows[0]["saved_mib"]
+    print(f"# {command}\n# {machine(device)}, torch {torch.__version__}, {args.model}, batch {args.batch_size}")
+    print("| variant | act.impl | saved for backward (MiB) | × float |\n|---|---|---|---|")
+    for r in rows:
+        r["ratio_to_float"] = r["saved_mib"] / base
+        print(f"| {r['variant']} | {r['impl']} | {r['saved_mib']:.1f} | {r['ratio_to_float']:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"command": command, "machine": machine(device), "rows": rows}, indent=2) + "\n")
 
 
 def bench_ddp(args, command: str) -> None:
