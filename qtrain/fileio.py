@@ -61,5 +61,19 @@ def previous_path(path: Path) -> Path:
 
 
 
+def write_refused(folder: Path) -> str | None:
+    """None when a file can be created in ``folder``, else why not (the disk's words: read-only, no
+    permission, full): a probe file is made and removed. Any other failure is raised."""
+    probe = Path(folder) / f".qtrain-write-test-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        return e.strerror
+    return None
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qtrain.data import download
+from qtrain import fileio
 from qtrain.data.builtin import MNIST_FILES, read_mnist
 from qtrain.errors import DataError
 from qtrain.run.runner import train_run
@@ -83,7 +83,7 @@ def test_a_root_that_cannot_be_written_is_never_written(mirror, tmp_path, monkey
             raise OSError(errno.EROFS, "Read-only file system", str(path))
         return real_open(path, flags, *args)
 
-    monkeypatch.setattr(download.os, "open", read_only)
+    monkeypatch.setattr(fileio.os, "open", read_only)
     read_mnist.cache_clear()
     with pytest.raises(DataError, match="cannot be written .Read-only file system., so nothing was downloaded"):
         read_mnist(str(root), True, (url,))

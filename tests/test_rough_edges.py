@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from qtrain.errors import ConfigError
-from qtrain.run import lifecycle
+from qtrain import fileio
 from qtrain.run.runner import main_run, train_run
 
 BIN = Path(sys.executable).parent
@@ -70,7 +70,7 @@ def test_resuming_into_a_folder_that_cannot_be_written_is_one_paragraph(stopped_
             raise OSError(errno.EROFS, "Read-only file system", str(path))
         return real_open(path, flags, *args)
 
-    monkeypatch.setattr(lifecycle.os, "open", read_only)
+    monkeypatch.setattr(fileio.os, "open", read_only)
     cfg.resume, cfg.stop_after_epoch = str(folder), None
     with pytest.raises(ConfigError) as e:
         main_run(cfg, tmp_path / "outputs" / "new", {})

@@ -10,13 +10,12 @@ before, with the download's error added.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import tempfile
 from pathlib import Path
 
-from qtrain.fileio import DISK_ERRNOS
+from qtrain.fileio import write_refused
 
 TIMEOUT_S = 60  # per connection attempt
 
@@ -27,15 +26,8 @@ def writable(root: str) -> str | None:
     folder = Path(root)
     while not folder.exists():
         folder = folder.parent
-    probe = folder / f".qtrain-write-test-{os.getpid()}"
-    try:
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        os.unlink(probe)
-    except OSError as e:
-        if e.errno in DISK_ERRNOS:
-            return f"the data root {root} cannot be written ({e.strerror}), so nothing was downloaded into it"
-        raise
-    return None
+    refused = write_refused(folder)
+    return f"the data root {root} cannot be written ({refused}), so nothing was downloaded into it" if refused else None
 
 
 def _torchvision_class(name: str, source):

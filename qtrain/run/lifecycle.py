@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from qtrain.errors import SIGNAL_EXIT_CODES, ConfigError
-from qtrain.fileio import DISK_ERRNOS
+from qtrain.fileio import write_refused
 
 _created: dict[str, str] = {}  # per process: the same name always resolves to the same directory
 
@@ -74,17 +74,12 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
 def check_writable(run_dir: Path, how: str) -> None:
     """Before anything is trained: a run continues in its own folder (checkpoints, metrics, its log), so a
     folder that cannot be written (read-only, no permission, full) is one paragraph and exit 2."""
-    probe = Path(run_dir) / f".write-test-{os.getpid()}"
-    try:
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        os.unlink(probe)
-    except OSError as e:
-        if e.errno not in DISK_ERRNOS:
-            raise
-        raise ConfigError(f"{how}: the run folder {run_dir} cannot be written ({e.strerror}), and a resumed run "
+    refused = write_refused(run_dir)
+    if refused:
+        raise ConfigError(f"{how}: the run folder {run_dir} cannot be written ({refused}), and a resumed run "
                           "continues in its own folder (checkpoints, metrics.jsonl, its log). Copy it somewhere "
                           f"writable and resume the copy (cp -r {run_dir} <new folder>, then qtrain resume=<new "
-                          f"folder>), or evaluate it as it is: qtrain-eval {run_dir}.") from None
+                          f"folder>), or evaluate it as it is: qtrain-eval {run_dir}.")
 
 
 class RunLock:

@@ -299,11 +299,10 @@ def bench_saved_bytes(args, command: str) -> None:
     rows = []
     for name, overrides in variants(args.abits).items():
         for impl in (("reference",) if name == "float" else ("reference", "compact")):
-            x, _ = build_variant(args, overrides + [f"act.impl={impl}"], device, batch_only=True)
             built = build(make_cfg(args, overrides + [f"act.impl={impl}"], real_data=False), device)
-            model = built.model.to(memory_format=torch.channels_last) if x.dim() == 4 else built.model
+            x, _ = next(iter(built.data.train))
             built.method.prepare_forward()
-            rows.append({"variant": name, "impl": impl, "saved_mib": memory.saved_bytes(model, x) / 2**20})
+            rows.append({"variant": name, "impl": impl, "saved_mib": memory.saved_bytes(built.model, x) / 2**20})
     base = rows[0]["saved_mib"]
     print(f"# {command}\n# {machine(device)}, torch {torch.__version__}, {args.model}, batch {args.batch_size}")
     print("| variant | act.impl | saved for backward (MiB) | × float |\n|---|---|---|---|")
