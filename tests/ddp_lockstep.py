@@ -69,60 +69,67 @@ def _digest(model, method) -> str:
     return h.hexdigest()
 
 
-def worker(rank: int, world: int, port: int, cases: dict, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+def _lockstep_case(ranks, world: int, overrides: list) -> dict:
+    """One method's steps in lock-step. A function of its own, so that its DDP model (and the Gloo
+    work its reducer holds) is freed when it returns, not at interpreter shutdown."""
     from qtrain.parallel import ranks as distributed
     from qtrain.run import build
     from qtrain.train.loop import Classification, Training, train_one_epoch
 
-    ranks = distributed.join(120)
     cpu = torch.device("cpu")
-    report, finished = {}, False
+    cfg = _config(overrides)
+    build.seed_everything(cfg.seed)
+    own = build.build(cfg, cpu)  # this rank's shard
+    data, model, method, opt, sched = own.data, own.model, own.method, own.optimizer, own.scheduler
+    ddp = ranks.wrap(model, cpu, sync_bn=True)
+    if ranks.is_main:  # the single-process copy, with the whole batch
+        distributed._current = distributed.SINGLE
+        build.seed_everything(cfg.seed)
+        r = build.build(cfg, cpu)
+        r_data, r_model, r_method, r_opt, r_sched = r.data, r.model, r.method, r.optimizer, r.scheduler
+        distributed._current = ranks
+    worst, per_step, ranks_agree = (0.0, ""), [], True
+    for epoch in range(cfg.epochs):
+        data.train.set_epoch(epoch)
+        method.on_epoch_start(epoch)
+        batches = iter(data.train)
+        if ranks.is_main:
+            r_data.train.set_epoch(epoch)
+            r_method.on_epoch_start(epoch)
+            r_batches = iter(r_data.train)
+        for b in range(len(data.train)):
+            if ranks.is_main:
+                r_model.load_state_dict(model.state_dict())
+                # deep copies: load_state_dict would share the momentum buffers themselves
+                r_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+                r_method.load_state_dict(copy.deepcopy(method.state_dict()))
+            train_one_epoch(Training(ddp, method, opt, Classification(), cpu, ranks=ranks),
+                            OneBatch(next(batches), data.train.loss_weight(b)))
+            digests = [None] * world
+            torch.distributed.all_gather_object(digests, _digest(model, method))
+            ranks_agree = ranks_agree and len(set(digests)) == 1
+            if ranks.is_main:
+                train_one_epoch(Training(r_model, r_method, r_opt, Classification(), cpu),
+                                OneBatch(next(r_batches), 1.0))
+                diff = _max_difference(model.state_dict(), r_model.state_dict())
+                worst = max(worst, diff)
+                per_step.append(diff[0])
+        sched.step()
+        if ranks.is_main:
+            r_sched.step()
+    return {"steps": len(per_step), "max_abs_difference": worst[0], "where": worst[1],
+            "ranks_identical": ranks_agree, "per_step": per_step}
+
+
+def worker(rank: int, world: int, port: int, cases: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from qtrain.parallel import ranks as distributed
+
+    ranks = distributed.join(120)
+    finished = False
     try:
-        for name, overrides in cases.items():
-            cfg = _config(overrides)
-            build.seed_everything(cfg.seed)
-            own = build.build(cfg, cpu)  # this rank's shard
-            data, model, method, opt, sched = own.data, own.model, own.method, own.optimizer, own.scheduler
-            ddp = ranks.wrap(model, cpu, sync_bn=True)
-            if ranks.is_main:  # the single-process copy, with the whole batch
-                distributed._current = distributed.SINGLE
-                build.seed_everything(cfg.seed)
-                r = build.build(cfg, cpu)
-                r_data, r_model, r_method, r_opt, r_sched = r.data, r.model, r.method, r.optimizer, r.scheduler
-                distributed._current = ranks
-            worst, per_step, ranks_agree = (0.0, ""), [], True
-            for epoch in range(cfg.epochs):
-                data.train.set_epoch(epoch)
-                method.on_epoch_start(epoch)
-                batches = iter(data.train)
-                if ranks.is_main:
-                    r_data.train.set_epoch(epoch)
-                    r_method.on_epoch_start(epoch)
-                    r_batches = iter(r_data.train)
-                for b in range(len(data.train)):
-                    if ranks.is_main:
-                        r_model.load_state_dict(model.state_dict())
-                        # deep copies: load_state_dict would share the momentum buffers themselves
-                        r_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
-                        r_method.load_state_dict(copy.deepcopy(method.state_dict()))
-                    train_one_epoch(Training(ddp, method, opt, Classification(), cpu, ranks=ranks),
-                                    OneBatch(next(batches), data.train.loss_weight(b)))
-                    digests = [None] * world
-                    torch.distributed.all_gather_object(digests, _digest(model, method))
-                    ranks_agree = ranks_agree and len(set(digests)) == 1
-                    if ranks.is_main:
-                        train_one_epoch(Training(r_model, r_method, r_opt, Classification(), cpu),
-                                        OneBatch(next(r_batches), 1.0))
-                        diff = _max_difference(model.state_dict(), r_model.state_dict())
-                        worst = max(worst, diff)
-                        per_step.append(diff[0])
-                sched.step()
-                if ranks.is_main:
-                    r_sched.step()
-            report[name] = {"steps": len(per_step), "max_abs_difference": worst[0], "where": worst[1],
-                            "ranks_identical": ranks_agree, "per_step": per_step}
+        report = {name: _lockstep_case(ranks, world, overrides) for name, overrides in cases.items()}
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(report, f, indent=2)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import logging
 import os
 import signal
@@ -210,6 +211,13 @@ def leave(finished: bool = False) -> None:
     failure there is no barrier: the peers may be gone, and waiting would only delay the exit."""
     global _current
     if dist.is_initialized():
+        # Free now what may still hold Gloo work -- a DDP reducer or a synchronised batch norm's
+        # last collective, often kept alive only by a reference cycle -- while the interpreter is
+        # whole. Left to the collector at interpreter shutdown, Gloo's threads can release
+        # tensors into a dying interpreter, and the process aborts with SIGABRT ("terminate
+        # called without an active exception", seen once in CI after a clean run; the cause
+        # pytorch/pytorch#179291 describes).
+        gc.collect()
         if finished:
             try:
                 dist.barrier()
