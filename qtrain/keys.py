@@ -27,7 +27,7 @@ VOLATILE = ("resume", "progress", "device", "stop_after_epoch", "out_dir", "pape
 NEUTRAL = {"schedule_scale": 1, "sched.interval": "epoch", "devices": 1, "sync_bn": False}
 
 #: dotted keys that choose *how* something is computed, never *what*: implementations that give bitwise the
-#: same results (tests/test_compact.py), left out of the fingerprint whatever their value
+#: same results (tests/test_compact.py, tests/test_fused.py), left out of the fingerprint whatever their value
 SAME_RESULT_KEYS = ("act.impl",)
 
 #: ``data.*`` keys that say where a dataset is, or where it is fetched from, not what it is: left out of

@@ -137,10 +137,11 @@ class STE(Float):
 
     @torch.no_grad()
     def prepare_forward(self):
-        for p, latent, q in zip(self.params, self._latent, self._q):
-            latent.copy_(p)
+        # foreach: one call over all layers instead of one per layer (on a GPU, one kernel launch for all)
+        torch._foreach_copy_(self._latent, self.params)
+        for p, q in zip(self.params, self._q):  # Q(w): a projection per layer, each with its own scale
             q.copy_(self.quantizer(p))
-            p.copy_(self.surrogate(latent, q))
+        torch._foreach_copy_(self.params, [self.surrogate(latent, q) for latent, q in zip(self._latent, self._q)])
 
     def before_step(self):
         self.restore_latent()
@@ -149,8 +150,7 @@ class STE(Float):
     @torch.no_grad()
     def restore_latent(self):
         """The optimizer steps w, not u: put the latent weights back (BCGD blends them first)."""
-        for p, latent in zip(self.params, self._latent):
-            p.copy_(latent)
+        torch._foreach_copy_(self.params, self._latent)
 
     # -- evaluation --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -267,8 +267,9 @@ class BCGD(STE):
 
     @torch.no_grad()
     def restore_latent(self):
-        for p, latent, q in zip(self.params, self._latent, self._q):
-            p.copy_(latent.mul_(1 - self.rho).add_(q, alpha=self.rho))
+        torch._foreach_mul_(self._latent, 1 - self.rho)  # w <- (1 - rho) w + rho Q(w), all layers at once
+        torch._foreach_add_(self._latent, self._q, alpha=self.rho)
+        torch._foreach_copy_(self.params, self._latent)
 
     def on_epoch_end(self, epoch):
         return {**super().on_epoch_end(epoch), "bcgd/rho": self.rho}

@@ -16,11 +16,13 @@ from torch import nn
 
 from qtrain.errors import ConfigError
 from qtrain.quant.compact import CompactSTE
+from qtrain.quant.fused import fused_staircase
 from qtrain.quant.ste import ALPHA_GRADS, ROUNDINGS, STES, ProxySTE
 
-#: act.impl: the estimators of ste.py (the ground truth), or those of compact.py (bitwise the same results,
-#: one byte per element kept for the backward instead of the float input)
-IMPLS = ("reference", "compact")
+#: act.impl, how the estimators are computed (never what: the same results): ste.py's (the ground truth);
+#: compact.py's (one byte per element kept for the backward instead of the float input); fused.py's (one
+#: kernel pass each way, 2 bits per element kept; compact.py's where it has no kernel)
+IMPLS = ("reference", "compact", "fused")
 
 # ---------------------------------------------------------------------------------------------
 # Activation resolution alpha
@@ -127,6 +129,8 @@ class QuantReLU(nn.Module):
             return torch.relu(x)
         if self.ste == "proxy":
             return ProxySTE.apply(x, self.alpha, self.bits, self.rounding, self.proxy)
+        if self.impl == "fused":  # the same levels, masks and alpha gradient, one pass each way
+            return fused_staircase(x, self.alpha, self.bits, self.rounding, self.alpha_grad, self.ste)
         if self.impl == "compact":  # the same levels, masks and alpha gradient, one byte kept per element
             return CompactSTE.apply(x, self.alpha, self.bits, self.rounding, self.alpha_grad, self.ste)
         return STES[self.ste].apply(x, self.alpha, self.bits, self.rounding, self.alpha_grad)

@@ -30,6 +30,7 @@ from omegaconf import open_dict
 from qtrain.data.builtin import SHAPES, mnist
 from qtrain.errors import QtrainError
 from qtrain.keys import CONFIG_DIR
+from qtrain.quant.act import IMPLS
 from qtrain.run.build import build, instantiate_node
 from qtrain.tools.bench import ddp, loader, memory
 from qtrain.tools.bench.floor import plain_step
@@ -114,9 +115,18 @@ def time_steps(step, steps, device):
 FLOOR = "plain PyTorch ResNet-20 float"
 
 
+def variant_rows(args):
+    """(row name, overrides): each chosen variant under each --impls value (the float one once: it has no
+    quantized activation). With several impls, the rows of those other than reference say theirs: "a4 [fused]"."""
+    for name, overrides in variants(args.abits).items():
+        if name in args.variants:
+            for impl in args.impls[:1] if name == "float" else args.impls:
+                label = name if len(args.impls) == 1 or impl == "reference" else f"{name} [{impl}]"
+                yield label, overrides + [f"act.impl={impl}"]
+
+
 def bench_steps(args, device):
-    steppers = {name: build_variant(args, ov, device) for name, ov in variants(args.abits).items()
-                if name in args.variants}
+    steppers = {name: build_variant(args, ov, device) for name, ov in variant_rows(args)}
     if args.model == "resnet20" and not args.full_epoch:  # the floor: same batch, none of qtrain's code
         x, y = build_variant(args, VARIANTS["float"], device, batch_only=True)
         steppers[FLOOR] = (plain_step(x, y, device), args.batch_size)
@@ -213,6 +223,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
     p.add_argument("--abits", type=int, default=4, help="activation bits of the quantized variants")
     p.add_argument("--variants", nargs="*", help="subset of the variant names (default: all)")
+    p.add_argument("--impls", nargs="+", default=["fused"], choices=IMPLS,
+                   help="act.impl of the quantized variants, a row each (default: fused, qtrain's default; "
+                        "the tables measured before part 12 used reference)")
     p.add_argument("--full-epoch", action="store_true",
                    help="time whole epochs of the real data (pipeline included) instead of steps")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
@@ -230,8 +243,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ddp", action="store_true",
                    help="instead: LeNet-5 step time of devices=2 (Gloo, CPU) vs devices=1, and plain PyTorch DDP")
     p.add_argument("--saved-bytes", action="store_true",
-                   help="instead: the bytes autograd keeps for backward in one forward of each variant (act.impl "
-                        "reference and compact), against the float network's")
+                   help="instead: the bytes autograd keeps for backward in one forward of each variant (under "
+                        "each act.impl), against the float network's")
     return p
 
 
@@ -270,6 +283,7 @@ def bench(argv=None):
     info = {"machine": machine(device), "torch": torch.__version__, "command": command, "model": args.model,
             "data": args.data, "batch_size": args.batch_size, "precision": args.precision, "compile": args.compile,
             "steps": args.steps, "rounds": args.rounds, "abits": args.abits, "full_epoch": args.full_epoch,
+            "impls": args.impls, "threads": torch.get_num_threads(),
             "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     print_steps(info, args, rows)
     if data:
@@ -280,7 +294,8 @@ def bench(argv=None):
 
 def print_steps(info: dict, args, rows: list[dict]) -> None:
     print(f"# {info['command']}\n# {info['machine']}, torch {info['torch']}, {args.model}/{args.data}, "
-          f"batch {args.batch_size}, {args.precision}{', compiled' if args.compile else ''}; "
+          f"batch {args.batch_size}, {args.precision}{', compiled' if args.compile else ''}, "
+          f"act.impl {' and '.join(args.impls)}; "
           f"median of {args.rounds} interleaved rounds of {args.steps} steps")
     unit = "epoch (s)" if args.full_epoch else "step (ms)"
     print(f"| variant | median {unit} | images/s | × float | × plain PyTorch | peak GPU mem (MiB) |\n"
@@ -298,7 +313,7 @@ def bench_saved_bytes(args, command: str) -> None:
     device = torch.device(args.device)
     rows = []
     for name, overrides in variants(args.abits).items():
-        for impl in (("reference",) if name == "float" else ("reference", "compact")):
+        for impl in (("reference",) if name == "float" else IMPLS):
             built = build(make_cfg(args, overrides + [f"act.impl={impl}"], real_data=False), device)
             x, _ = next(iter(built.data.train))
             built.method.prepare_forward()
