@@ -106,3 +106,41 @@ def test_act_impl_is_not_part_of_a_runs_identity(make_cfg):
 
     for overrides in (["method=ste", "wbits=1", "abits=4"], ["method=bcgd", "wbits=1", "abits=4", "act.learn_alpha=true"]):
         assert len({fingerprint(make_cfg(*overrides, f"act.impl={i}")) for i in ("reference", "compact", "fused")}) == 1
+
+
+@pytest.mark.parametrize("ste,learn", [("clipped_relu", True), ("relu", False), ("identity", True)])
+def test_in_place_over_an_intermediate_is_bitwise_the_reference(ste, learn):
+    """As the models build it (implemented_by(..., inplace=True)): the levels replace the input tensor."""
+    w, grad = torch.randn(32, 16, 9, 9, requires_grad=True), torch.randn(32, 16, 9, 9)
+    results = []
+    for act in (QuantReLU(4, 0.1946, ste, learn_alpha=learn),
+                QuantReLU(4, 0.1946, ste, learn_alpha=learn).implemented_by("fused", inplace=True)):
+        w.grad = None
+        x = (w * 1.5).contiguous(memory_format=torch.channels_last)
+        y = act(x)
+        y.backward(grad)
+        results.append((y.detach().clone(), w.grad.clone(), act.alpha.grad if learn else torch.zeros(())))
+        shares = y.data_ptr() == x.data_ptr()
+    assert shares  # (the fused one wrote over x)
+    assert all(torch.equal(r, g) for r, g in zip(*results))
+
+
+def test_in_place_is_refused_by_autograd_where_the_input_is_still_needed():
+    act = QuantReLU(4, 0.1946).implemented_by("fused", inplace=True)
+    w = torch.randn(1000, requires_grad=True)
+    x = w * 1.0
+    kept = x * x  # saves x for its backward
+    y = act(x)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (y.sum() + kept.sum()).backward()
+
+
+def test_a_leaf_or_a_view_is_never_written_over():
+    act = QuantReLU(4, 0.1946).implemented_by("fused", inplace=True)
+    leaf = torch.randn(100)
+    before = leaf.clone()
+    act(leaf)
+    base = torch.randn(4, 100) * 1.0
+    view_before = base.clone()
+    act(base[1])
+    assert torch.equal(leaf, before) and torch.equal(base, view_before)

@@ -98,7 +98,7 @@ class QuantReLU(nn.Module):
             raise ConfigError(f"act.rounding must be one of {ROUNDINGS}, got {rounding!r}.")
         if learn_alpha and alpha_grad not in ALPHA_GRADS:
             raise ConfigError(f"act.alpha_grad must be one of {ALPHA_GRADS}, got {alpha_grad!r}.")
-        self.impl = "reference"
+        self.impl, self.inplace = "reference", False
         self.bits, self.ste, self.rounding = int(bits), ste, rounding
         self.proxy = proxy
         self.enabled = True
@@ -111,11 +111,12 @@ class QuantReLU(nn.Module):
         else:
             self.register_buffer("alpha", value)
 
-    def implemented_by(self, impl: str) -> "QuantReLU":
-        """How the activation is computed (``act.impl``), never what: every choice gives the same results."""
+    def implemented_by(self, impl: str, inplace: bool = False) -> "QuantReLU":
+        """How the activation is computed (``act.impl``), never what: every choice gives the same results.
+        ``inplace``: the fused kernel may write the levels over its input, as nn.ReLU(inplace=True)."""
         if impl not in IMPLS:
             raise ConfigError(f"act.impl must be one of {', '.join(IMPLS)}, got {impl!r}.")
-        self.impl = impl
+        self.impl, self.inplace = impl, inplace
         return self
 
     def share_alpha_with(self, other: "QuantReLU") -> None:
@@ -130,7 +131,7 @@ class QuantReLU(nn.Module):
         if self.ste == "proxy":
             return ProxySTE.apply(x, self.alpha, self.bits, self.rounding, self.proxy)
         if self.impl == "fused":  # the same levels, masks and alpha gradient, one pass each way
-            return fused_staircase(x, self.alpha, self.bits, self.rounding, self.alpha_grad, self.ste)
+            return fused_staircase(x, self.alpha, self.bits, self.rounding, self.alpha_grad, self.ste, self.inplace)
         if self.impl == "compact":  # the same levels, masks and alpha gradient, one byte kept per element
             return CompactSTE.apply(x, self.alpha, self.bits, self.rounding, self.alpha_grad, self.ste)
         return STES[self.ste].apply(x, self.alpha, self.bits, self.rounding, self.alpha_grad)
@@ -186,7 +187,8 @@ class ActLayer:
         if self.bits is None:  # in place, as torchvision's models: saves an allocation per activation
             return nn.ReLU(inplace=True)
         act = QuantReLU(self.bits, self.alpha, self.ste, self.rounding, self.learn_alpha, self.alpha_grad,
-                        self.alpha_grad_scale, self.alpha_grad_clip, self.alpha_clamp, self.proxy).implemented_by(self.impl)
+                        self.alpha_grad_scale, self.alpha_grad_clip, self.alpha_clamp,
+                        self.proxy).implemented_by(self.impl, inplace=True)  # where the float model's ReLU is in place
         if share_with is not None and self.share_block_alpha:
             act.share_alpha_with(share_with)
         return act

@@ -63,6 +63,10 @@ def _register_shapes() -> None:
     def _forward(x, alpha, bits, ceil_rounding, keep_codes):
         return torch.empty_like(x), x.new_empty(((x.numel() + 3) // 4 if keep_codes else 0,), dtype=torch.uint8)
 
+    @torch.library.register_fake("qtrain::staircase_forward_")
+    def _forward_(x, alpha, bits, ceil_rounding, keep_codes):
+        return x.new_empty(((x.numel() + 3) // 4 if keep_codes else 0,), dtype=torch.uint8)
+
     @torch.library.register_fake("qtrain::staircase_backward")
     def _backward(grad, codes, ste, alpha_terms):
         def full(wanted):
@@ -86,12 +90,17 @@ class FusedSTE(torch.autograd.Function):
     """The identity / relu / clipped_relu estimator (``ste``) in one kernel each way."""
 
     @staticmethod
-    def forward(ctx, x, alpha, bits, rounding, alpha_grad, ste):
+    def forward(ctx, x, alpha, bits, rounding, alpha_grad, ste, inplace):
         ctx.bits, ctx.ste, ctx.alpha_grad = bits, ste, alpha_grad
         ctx.memory_format = _memory_format(x)
         keep = ste != "identity" or alpha_grad is not None
-        y, codes = torch.ops.qtrain.staircase_forward(x.contiguous(memory_format=ctx.memory_format),
-                                                      alpha.detach(), bits, rounding == "ceil", keep)
+        if inplace and can_write_over(x, ctx.memory_format):  # as an in-place ReLU: no new tensor
+            codes = torch.ops.qtrain.staircase_forward_(x, alpha.detach(), bits, rounding == "ceil", keep)
+            ctx.mark_dirty(x)  # (autograd then refuses a backward that needs x's old values)
+            y = x
+        else:
+            y, codes = torch.ops.qtrain.staircase_forward(x.contiguous(memory_format=ctx.memory_format),
+                                                          alpha.detach(), bits, rounding == "ceil", keep)
         ctx.save_for_backward(alpha, codes)
         return y
 
@@ -100,7 +109,7 @@ class FusedSTE(torch.autograd.Function):
         alpha, codes = ctx.saved_tensors
         want_alpha = ctx.needs_input_grad[1] and ctx.alpha_grad is not None
         if ctx.ste == "identity" and not want_alpha:
-            return grad_out, None, None, None, None, None
+            return grad_out, None, None, None, None, None, None
         g = grad_out.contiguous(memory_format=ctx.memory_format)
         grad_x, inside, beyond = torch.ops.qtrain.staircase_backward(g, codes, _STE_CODE[ctx.ste], want_alpha)
         if ctx.ste == "identity":
@@ -110,11 +119,17 @@ class FusedSTE(torch.autograd.Function):
             inside = grad_x if ctx.ste == "clipped_relu" else inside  # (there the mask is "inside")
             total = 2 ** (ctx.bits - 1) * inside.sum() + (2**ctx.bits - 1) * beyond.sum()
             grad_alpha = total.reshape(alpha.shape).to(alpha.dtype)
-        return grad_x, grad_alpha, None, None, None, None
+        return grad_x, grad_alpha, None, None, None, None, None
 
 
-def fused_staircase(x, alpha, bits, rounding, alpha_grad, ste):
-    """The activation under ``act.impl=fused``: the kernels where they exist, else compact.py."""
+def can_write_over(x: torch.Tensor, memory_format) -> bool:
+    """x is an intermediate of this forward (not a leaf, not a view) and dense: the levels may replace it."""
+    return not x.is_leaf and not x._is_view() and x.is_contiguous(memory_format=memory_format)
+
+
+def fused_staircase(x, alpha, bits, rounding, alpha_grad, ste, inplace=False):
+    """The activation under ``act.impl=fused``: the kernels where they exist, else compact.py. ``inplace``:
+    the levels may be written over x (the models ask for it where their float ReLUs are in place)."""
     if has_kernel(x, alpha_grad):
-        return FusedSTE.apply(x, alpha, bits, rounding, alpha_grad, ste)
+        return FusedSTE.apply(x, alpha, bits, rounding, alpha_grad, ste, inplace)
     return CompactSTE.apply(x, alpha, bits, rounding, alpha_grad, ste)

@@ -53,17 +53,10 @@ inline uint8_t code(float v, float top_alpha) {
 // bits 0-1, 2-3, 4-5 and 6-7.
 inline int64_t quarter(int64_t len) { return (len + 3) / 4; }
 
-void forward_block(const float* __restrict x, float* __restrict y, uint8_t* __restrict codes, int64_t len,
-                   const float alpha, const float top, const float top_alpha, const bool ceil_rounding) {
-  if (ceil_rounding) {  // (two loops, so that each is one vectorised expression)
-    for (int64_t i = 0; i < len; ++i) y[i] = level(x[i], alpha, top, true);
-  } else {
-    for (int64_t i = 0; i < len; ++i) y[i] = level(x[i], alpha, top, false);
-  }
-  if (codes == nullptr) return;
+void codes_block(const float* __restrict x, uint8_t* __restrict codes, int64_t len, const float top_alpha) {
   const int64_t q = quarter(len), whole = len - 3 * q;  // bytes j < whole hold four codes
   int64_t j = 0;
-  for (; j + 16 <= whole; j += 16) {  // (x is still in cache)
+  for (; j + 16 <= whole; j += 16) {
     Ints16 packed = {};
     for (int r = 0; r < 4; ++r) {
       Floats16 v;
@@ -83,8 +76,29 @@ void forward_block(const float* __restrict x, float* __restrict y, uint8_t* __re
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> staircase_forward(const at::Tensor& x, const at::Tensor& alpha, int64_t bits,
-                                                     bool ceil_rounding, bool keep_codes) {
+// The levels of a block, into y (y == x: in place; each loop is one vectorised expression).
+void levels_block(const float* x, float* y, int64_t len, const float alpha, const float top, const bool ceil_rounding) {
+  if (x == y) {
+    float* __restrict v = y;
+    if (ceil_rounding) {
+      for (int64_t i = 0; i < len; ++i) v[i] = level(v[i], alpha, top, true);
+    } else {
+      for (int64_t i = 0; i < len; ++i) v[i] = level(v[i], alpha, top, false);
+    }
+    return;
+  }
+  const float* __restrict in = x;
+  float* __restrict out = y;
+  if (ceil_rounding) {
+    for (int64_t i = 0; i < len; ++i) out[i] = level(in[i], alpha, top, true);
+  } else {
+    for (int64_t i = 0; i < len; ++i) out[i] = level(in[i], alpha, top, false);
+  }
+}
+
+// Codes first (they read x), then levels: so y may be x itself.
+void forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& alpha, int64_t bits, bool ceil_rounding,
+             const at::Tensor& codes) {
   check_dense_float(x, "x");
   TORCH_CHECK(alpha.numel() == 1 && alpha.scalar_type() == at::kFloat && alpha.device().is_cpu(),
               "alpha must be one float32 CPU value");
@@ -92,19 +106,37 @@ std::tuple<at::Tensor, at::Tensor> staircase_forward(const at::Tensor& x, const 
   const float a = alpha.contiguous().data_ptr<float>()[0];
   const float top = static_cast<float>((int64_t{1} << bits) - 1);
   const float top_alpha = top * a;  // as the reference's (2**bits - 1) * alpha.float()
-  at::Tensor y = at::empty_like(x);  // x's strides: the same memory order
   const int64_t n = x.numel();
-  at::Tensor codes = at::empty({keep_codes ? (n + 3) / 4 : 0}, x.options().dtype(at::kByte));
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  uint8_t* cp = keep_codes ? codes.data_ptr<uint8_t>() : nullptr;
+  uint8_t* cp = codes.numel() ? codes.data_ptr<uint8_t>() : nullptr;
   at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [=](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i0 = b * kBlock, len = std::min(n - i0, kBlock);
-      forward_block(xp + i0, yp + i0, cp ? cp + i0 / 4 : nullptr, len, a, top, top_alpha, ceil_rounding);
+      if (cp != nullptr) codes_block(xp + i0, cp + i0 / 4, len, top_alpha);
+      levels_block(xp + i0, yp + i0, len, a, top, ceil_rounding);  // (x is still in cache)
     }
   });
+}
+
+at::Tensor new_codes(const at::Tensor& x, bool keep_codes) {
+  return at::empty({keep_codes ? (x.numel() + 3) / 4 : 0}, x.options().dtype(at::kByte));
+}
+
+std::tuple<at::Tensor, at::Tensor> staircase_forward(const at::Tensor& x, const at::Tensor& alpha, int64_t bits,
+                                                     bool ceil_rounding, bool keep_codes) {
+  at::Tensor y = at::empty_like(x);  // x's strides: the same memory order
+  at::Tensor codes = new_codes(x, keep_codes);
+  forward(x, y, alpha, bits, ceil_rounding, codes);
   return {y, codes};
+}
+
+// The same, writing the levels over x (as an in-place ReLU does); returns the codes.
+at::Tensor staircase_forward_(at::Tensor& x, const at::Tensor& alpha, int64_t bits, bool ceil_rounding,
+                              bool keep_codes) {
+  at::Tensor codes = new_codes(x, keep_codes);
+  forward(x, x, alpha, bits, ceil_rounding, codes);
+  return codes;
 }
 
 // One pass over a block of grad, writing where asked: out = mask * grad (relu passes codes 1 and 2,
@@ -179,10 +211,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> staircase_backward(const at::Tens
 
 TORCH_LIBRARY(qtrain, m) {
   m.def("staircase_forward(Tensor x, Tensor alpha, int bits, bool ceil_rounding, bool keep_codes) -> (Tensor, Tensor)");
+  m.def("staircase_forward_(Tensor(a!) x, Tensor alpha, int bits, bool ceil_rounding, bool keep_codes) -> Tensor");
   m.def("staircase_backward(Tensor grad, Tensor codes, int ste, bool alpha_terms) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(qtrain, CPU, m) {
   m.impl("staircase_forward", &staircase_forward);
+  m.impl("staircase_forward_", &staircase_forward_);
   m.impl("staircase_backward", &staircase_backward);
 }
