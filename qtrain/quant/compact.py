@@ -12,8 +12,8 @@ without a learned alpha keeps nothing. Each region is decided with the very comp
 reference estimators (qtrain/quant/ste.py), in float32, so levels, masks and alpha gradients are
 bitwise those of ``act.impl=reference`` (tests/test_compact.py), and so is training.
 
-This is the memory half of part 12; the forward and backward are still several elementwise passes in
-eager PyTorch. One fused pass per direction (a torch.compile'd or custom-op kernel) is the next step.
+The forward and backward are still several elementwise passes in eager PyTorch; fused.py does each in one
+kernel pass (and falls back to these estimators where it has no kernel: CUDA, bf16, alpha_grad="exact").
 """
 
 from __future__ import annotations

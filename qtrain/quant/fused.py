@@ -6,14 +6,15 @@ The backward pass turns code and incoming gradient into grad_x and, with a learn
 masked gradients whose sums make alpha's gradient, in the same pass, instead of building full-size
 0/1 masks and multiplying them in further passes.
 The kernels are a ``torch.library`` custom op (``torch.ops.qtrain.staircase_forward/backward``,
-fused_kernel.cpp), compiled for this machine on first use by torch.utils.cpp_extension (about a
-minute; cached in $TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions).
+fused_kernel.cpp), compiled for this machine on first use by torch.utils.cpp_extension (about 20 s
+on the 2-core VM; cached in $TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions). Inside a
+model the forward writes the levels over its input, as the float network's in-place ReLU does.
 
 Levels, masks, grad_x and the alpha gradient are bitwise the reference's (the same float32 operations
 in the same order, and alpha's sums taken by torch.sum over the same values in the same memory layout:
-tests/test_fused.py), so act.impl is not part of a run's identity. Where there is no kernel -- CUDA tensors, bf16 activations,
-``act.alpha_grad=exact`` -- or no compiler, the compact estimators (compact.py) run instead: the same
-results, one byte kept per element.
+tests/test_fused.py), so act.impl is not part of a run's identity. Where there is no kernel -- CUDA
+tensors, bf16 activations, ``act.alpha_grad=exact`` -- or no compiler, the compact estimators
+(compact.py) run instead: the same results, one byte kept per element.
 """
 
 from __future__ import annotations
