@@ -21,8 +21,8 @@ def inputs(alpha: float, bits: int, dtype=torch.float32) -> torch.Tensor:
     return x.to(dtype)
 
 
-def run(impl, x, bits, ste, learn, alpha_grad, grad):
-    act = QuantReLU(bits, 0.1946, ste, learn_alpha=learn, alpha_grad=alpha_grad).implemented_by(impl)
+def run(impl, x, bits, ste, learn, alpha_grad, grad, rounding="ceil"):
+    act = QuantReLU(bits, 0.1946, ste, rounding=rounding, learn_alpha=learn, alpha_grad=alpha_grad).implemented_by(impl)
     xr = x.clone().requires_grad_(True)
     y = act(xr)
     y.backward(grad)

@@ -115,18 +115,21 @@ def time_steps(step, steps, device):
 FLOOR = "plain PyTorch ResNet-20 float"
 
 
-def variant_rows(args):
-    """(row name, overrides): each chosen variant under each --impls value (the float one once: it has no
-    quantized activation). With several impls, the rows of those other than reference say theirs: "a4 [fused]"."""
-    for name, overrides in variants(args.abits).items():
-        if name in args.variants:
-            for impl in args.impls[:1] if name == "float" else args.impls:
-                label = name if len(args.impls) == 1 or impl == "reference" else f"{name} [{impl}]"
-                yield label, overrides + [f"act.impl={impl}"]
+def variant_rows(abits: int, names, impls):
+    """(variant, act.impl, overrides): each chosen variant under each of ``impls`` (the float one once, under
+    the first: it has no quantized activation)."""
+    for name, overrides in variants(abits).items():
+        if name in names:
+            for impl in impls[:1] if name == "float" else impls:
+                yield name, impl, overrides + [f"act.impl={impl}"]
 
 
 def bench_steps(args, device):
-    steppers = {name: build_variant(args, ov, device) for name, ov in variant_rows(args)}
+    steppers = {}
+    for name, impl, overrides in variant_rows(args.abits, args.variants, args.impls):
+        # with several impls, the rows of those other than reference say theirs: "a4 [fused]"
+        label = name if len(args.impls) == 1 or impl == "reference" else f"{name} [{impl}]"
+        steppers[label] = build_variant(args, overrides, device)
     if args.model == "resnet20" and not args.full_epoch:  # the floor: same batch, none of qtrain's code
         x, y = build_variant(args, VARIANTS["float"], device, batch_only=True)
         steppers[FLOOR] = (plain_step(x, y, device), args.batch_size)
@@ -312,12 +315,11 @@ def bench_saved_bytes(args, command: str) -> None:
     """Bytes kept for backward per variant and implementation, as a ratio to the float network's."""
     device = torch.device(args.device)
     rows = []
-    for name, overrides in variants(args.abits).items():
-        for impl in (("reference",) if name == "float" else IMPLS):
-            built = build(make_cfg(args, overrides + [f"act.impl={impl}"], real_data=False), device)
-            x, _ = next(iter(built.data.train))
-            built.method.prepare_forward()
-            rows.append({"variant": name, "impl": impl, "saved_mib": memory.saved_bytes(built.model, x) / 2**20})
+    for name, impl, overrides in variant_rows(args.abits, variants(args.abits), IMPLS):
+        built = build(make_cfg(args, overrides, real_data=False), device)
+        x, _ = next(iter(built.data.train))
+        built.method.prepare_forward()
+        rows.append({"variant": name, "impl": impl, "saved_mib": memory.saved_bytes(built.model, x) / 2**20})
     base = rows[0]["saved_mib"]
     print(f"# {command}\n# {machine(device)}, torch {torch.__version__}, {args.model}, batch {args.batch_size}")
     print("| variant | act.impl | saved for backward (MiB) | × float |\n|---|---|---|---|")
