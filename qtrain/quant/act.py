@@ -24,6 +24,11 @@ from qtrain.quant.ste import ALPHA_GRADS, ROUNDINGS, STES, ProxySTE
 #: kernel pass each way, 2 bits per element kept; compact.py's where it has no kernel)
 IMPLS = ("reference", "compact", "fused")
 
+
+def check_impl(impl) -> None:
+    if impl not in IMPLS:
+        raise ConfigError(f"act.impl must be one of {', '.join(IMPLS)}, got {impl!r}.")
+
 # ---------------------------------------------------------------------------------------------
 # Activation resolution alpha
 # ---------------------------------------------------------------------------------------------
@@ -114,8 +119,7 @@ class QuantReLU(nn.Module):
     def implemented_by(self, impl: str, inplace: bool = False) -> "QuantReLU":
         """How the activation is computed (``act.impl``), never what: every choice gives the same results.
         ``inplace``: the fused kernel may write the levels over its input, as nn.ReLU(inplace=True)."""
-        if impl not in IMPLS:
-            raise ConfigError(f"act.impl must be one of {', '.join(IMPLS)}, got {impl!r}.")
+        check_impl(impl)
         self.impl, self.inplace = impl, inplace
         return self
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from qtrain.errors import ConfigError
 from qtrain.keys import CONFIG_DIR, short_name
-from qtrain.quant.act import IMPLS
+from qtrain.quant.act import check_impl
 from qtrain.quant.rules import QUANT_LAYER_RULES
 from qtrain.quant.weight import WQUANT_RULES
 from qtrain.run.schedule import check_scale
@@ -86,8 +86,7 @@ def _validate_sched(sched: DictConfig, epochs: int) -> None:
 
 
 def _validate_act(act: DictConfig) -> None:
-    if act.get("impl", "reference") not in IMPLS:
-        raise ConfigError(f"act.impl must be one of {', '.join(IMPLS)}, got {act.get('impl')!r}.")
+    check_impl(act.get("impl", "reference"))
     for key in ("learn_alpha", "share_block_alpha"):
         _bool(act.get(key), f"act.{key}")
     clamp = act.get("alpha_clamp")
