@@ -193,6 +193,11 @@ stop() {
 mkdir -p "$OUT"
 case "${1:-}" in
   start)
+    # a qtrain that cannot start (no venv, or console scripts whose #! names a python that is gone) would
+    # otherwise fail every cell of both queues in a second, each logged FAILED: refuse before any lane starts
+    "$QTRAIN" --help > /dev/null 2>&1 || {
+      echo "cifar_campaign: $QTRAIN does not run (exit $?); run 'make install' (or reinstall: .venv/bin/pip install -e .) and start again" >&2
+      exit 2; }
     restore
     start_lane A
     sleep 60  # lane A takes the float-model lock first; lane B then waits for it instead of racing

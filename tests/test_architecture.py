@@ -26,6 +26,19 @@ DEFERRED = {
     ("parallel.ranks", "qtrain.parallel.sync_batchnorm"): "only with sync_bn=true",
     ("__init__", "qtrain.store.checkpoint"): "`import qtrain` stays light",
 }
+#: other libraries imported inside a function: heavy or optional ones, each with its reason (the
+#: standard library, and what every run imports anyway, belong at the top of the module)
+DEFERRED_LIBRARIES = {
+    "torchvision": "only the readers of torchvision's formats and the bench's baselines use it",
+    "torch.utils.tensorboard": "imports tensorboard and protobuf: only a run that writes tb/ needs them",
+    "torch.utils": "cpp_extension: only the fused kernel's first build needs the compiler toolchain",
+    "onnx": "the export extra (qtrain-export only)",
+    "onnxruntime": "the export extra (qtrain-export only)",
+    "safetensors.torch": "the export extra (qtrain-export only)",
+    "matplotlib": "the report's optional plots",
+    "tqdm": "only with progress=true",
+    "PIL": "the bench's JPEG folder only",
+}
 
 
 def modules():
@@ -96,6 +109,23 @@ def test_function_local_imports_have_a_reason():
                 for name, path in modules() for target, line, local in imports(path)
                 if local and (name, target) not in DEFERRED]
     assert not unlisted, "\n".join(unlisted)
+
+
+def test_other_function_local_imports_defer_a_heavy_or_optional_library():
+    unlisted = []
+    for name, path in modules():
+        tree = ast.parse(path.read_text())
+        for func in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+            for node in ast.walk(func):
+                mods = ([node.module] if isinstance(node, ast.ImportFrom) and node.module
+                        else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+                for mod in mods:
+                    if mod.startswith("qtrain") or mod.startswith("__future__"):
+                        continue  # (qtrain's own: the test above)
+                    if not any(mod == lib or mod.startswith(lib + ".") for lib in DEFERRED_LIBRARIES):
+                        unlisted.append(f"qtrain/{path.relative_to(PKG)}:{node.lineno} imports {mod} inside "
+                                        f"{func.name}(): import it at the top, or add it to DEFERRED_LIBRARIES")
+    assert not unlisted, "\n".join(sorted(set(unlisted)))
 
 
 def test_few_modules_at_the_top():

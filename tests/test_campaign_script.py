@@ -43,3 +43,17 @@ def test_status_lists_runs_from_their_start_with_their_state(tmp_path):
     assert "3 epochs  test acc 33.5" in runs["s1_b_stopped"] and "stopped (resumes with start)" in runs["s1_b_stopped"]
     assert "0 epochs  test acc -" in runs["s1_c_starting"] and runs["s1_c_starting"].endswith("training now")
     assert lines.count("    experiment=ste/cifar10_resnet20_a4_identity seed=1") == 3
+
+
+def test_start_refuses_a_qtrain_that_does_not_run_before_any_lane_starts(tmp_path):
+    """A broken venv (console scripts whose #! names a python that is gone) once failed every cell of both
+    queues in a second; `start` now checks qtrain first and exits 2, naming the fix, with no lane started."""
+    broken = tmp_path / "qtrain"
+    broken.write_text("#!/nonexistent/python\n")
+    broken.chmod(0o755)
+    env = {**os.environ, "CAMPAIGN_OUT": str(tmp_path / "out"), "CAMPAIGN_KEEP": str(tmp_path / "keep"),
+           "CAMPAIGN_QTRAIN": str(broken)}
+    p = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert "does not run" in p.stderr and "make install" in p.stderr
+    assert not list((tmp_path / "out").glob("lane_*"))  # no pid file, no log: nothing started

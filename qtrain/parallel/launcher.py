@@ -113,14 +113,14 @@ def _worker(job: Job, cfg_container: dict, run_dir: str, resume_dir: str | None,
         if rank == 0 and not isinstance(e, Interrupted):  # (a stop is logged where it happens)
             log.info("%s", e)
         get_error_handler().record_exception(e)
-        sys.exit(getattr(e, "exit_code", 2))
+        sys.exit(e.exit_code)
     except Exception as e:
         get_error_handler().record_exception(e)  # for the launcher's report
         if _peer_failure(e):  # another rank died or stalled: its own error is the one to show
             log.error("rank %d: a collective failed: %s", rank, str(e).splitlines()[0])
         else:
             log.exception("rank %d failed", rank)  # the traceback, once, in the log (rank 0) or on stderr
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
     finally:
         leave(finished)
 

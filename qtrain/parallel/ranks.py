@@ -36,6 +36,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from qtrain.errors import ConfigError, QtrainError
 
@@ -160,8 +161,6 @@ class Ranks:
         ``model`` stays the object the method, the optimizer and the checkpoints refer to."""
         if self.world == 1:
             return model
-        from torch.nn.parallel import DistributedDataParallel
-
         if sync_bn:
             from qtrain.parallel.sync_batchnorm import convert_sync_batchnorm
 

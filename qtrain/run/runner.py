@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qtrain.errors import ConfigError, Diverged, Interrupted, QtrainError
@@ -213,8 +214,6 @@ def overrides_of(run_dir: Path) -> list[str]:
     """The command-line overrides Hydra recorded for this run (none outside the CLI)."""
     path = Path(run_dir) / ".hydra" / "overrides.yaml"
     try:
-        import yaml
-
         return list(yaml.safe_load(path.read_text()) or [])
     except (OSError, ValueError):
         return []

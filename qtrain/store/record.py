@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from qtrain.errors import DiskError
 from qtrain.fileio import DISK_ERRNOS, disk_error, write_text_atomic
@@ -190,8 +191,6 @@ class Recorder:
             self._steps_tb.add_scalar(k, v, step)
 
     def log_config(self, config: dict, overrides: list[str]) -> None:
-        import yaml
-
         self.tb.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```")
         if overrides:
             self.tb.add_text("overrides", " ".join(f"`{o}`" for o in overrides))

@@ -42,8 +42,11 @@ differed in docs/EXPORT.md's example).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import statistics
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -155,8 +158,6 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def export_model(model: nn.Module, cfg, names: list[str], fmt: str = "exact"):
     """(export module, safetensors dict, metadata): codes and scales of every quantized weight, each
     activation as the exact staircase (``fmt="exact"``) or its QDQ form (``"qdq"``)."""
-    import copy
-
     codes_fn = make_code_quantizer(cfg.wbits, cfg.wquant)
     model = copy.deepcopy(model).eval()
     tensors, meta = {}, {"format": "qtrain-export/1", "wbits": str(cfg.wbits), "abits": str(cfg.abits)}
@@ -201,8 +202,6 @@ def write_onnx(model: nn.Module, input_shape, path: Path, dtype=torch.float32, m
 
 def float_network(model: nn.Module) -> nn.Module:
     """The same network with its latent float weights and float ReLUs: the speed baseline of --bench."""
-    import copy
-
     net = copy.deepcopy(model).eval()
     for name, m in list(net.named_modules()):
         if isinstance(m, QuantReLU):
@@ -246,9 +245,6 @@ def input_batches(data, kind: str) -> list:
 
 def images_per_s(path: Path, batches, rounds: int = 5, threads: int | None = None) -> dict:
     """Inference throughput under ORT_ENABLE_ALL over the test batches: the median of ``rounds`` passes."""
-    import statistics
-    import time
-
     run = session(path, "ORT_ENABLE_ALL", threads)
     n = sum(len(x) for x in batches)
     run.run(["logits"], {"input": batches[0]})  # warm-up
