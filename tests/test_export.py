@@ -77,6 +77,12 @@ def test_export_of_a_missing_run_is_one_clear_error(tmp_path, capsys):
     assert e.value.code == 2 and "no such checkpoint" in capsys.readouterr().err
 
 
+def test_residual_without_the_qdq_format_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        export.main([str(tmp_path / "nothing"), "--residual", "float"])
+    assert e.value.code == 2 and "--residual applies to --format qdq only" in capsys.readouterr().err
+
+
 def _small_run(tmp_path, data_overrides, name):
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
@@ -145,7 +151,59 @@ def test_qdq_and_float_input_exports_verify(trained_run, tmp_path):
     assert report["format"] == "qdq" and report["onnx_ort_enable_basic"]["same_predictions"] >= 0.99
     floats = export.export(trained_run, tmp_path / "f", verify=True, kind="float")
     assert floats["onnx_ort_enable_basic"]["same_predictions"] == 1.0
+    assert floats["graph_in_pytorch"]["same_predictions"] == 1.0  # the fold itself changes nothing here
     import onnx
 
     assert onnx.load(str(tmp_path / "f" / "model.onnx")).graph.input[0].type.tensor_type.elem_type == \
         onnx.TensorProto.FLOAT
+
+
+def test_batch_norm_folds_into_the_quantized_convolution_with_positive_per_channel_scales():
+    """codes x (s gamma / sigma) and the bias beta - mu gamma / sigma: the conv + BN output to float rounding,
+    with a negative gamma (codes flipped) and a zero gamma (a dead channel) among the channels."""
+    from qtrain.tools.qdq_fold import FoldedWeight
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    codes = torch.randint(-1, 2, conv.weight.shape).to(torch.int8)
+    quantized = export.QuantizedWeight(conv, codes, torch.tensor(0.05))
+    bn = torch.nn.BatchNorm2d(6).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.copy_(torch.tensor([1.5, -0.7, 0.0, 2.0, -1.2, 0.3]))
+        bn.bias.normal_()
+    x = torch.randn(8, 4, 10, 10)
+    with torch.no_grad():
+        want = bn(quantized(x))
+        folded = FoldedWeight(quantized, bn)
+        got = folded(x)
+    assert folded.codes.dtype == torch.int8 and (folded.scale > 0).all() and folded.scale.shape == (6,)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def cifar_resnet_run(tmp_path, fake_cifar_root):
+    """A ResNet-20, binary weights, 4-bit activations with learned alpha (a different alpha in each block, so
+    the residual adds meet two grids), one epoch on the 64 stand-in images."""
+    return _small_run(tmp_path, ["data=cifar10", "model=resnet20", f"data.root={fake_cifar_root}",
+                                 "data.batch_size=16", "abits=4", "act.learn_alpha=true"], "resnet")
+
+
+def test_the_qdq_export_runs_on_integer_convolutions_and_residual_float_is_exact(cifar_resnet_run, tmp_path):
+    """After onnxruntime's ORT_ENABLE_ALL, every quantized convolution of the QDQ graph is a QLinearConv and
+    every residual add a QLinearAdd; with --residual float the nine second convolutions of the blocks stay
+    float, and the predictions are qtrain's."""
+    integer = export.export(cifar_resnet_run, tmp_path / "i", verify=True, fmt="qdq", bench=True)
+    ops = integer["ops_after_ort_enable_all"]
+    assert ops["QLinearConv"] == 18 and ops["QLinearAdd"] == 9  # 19 convs: the stem takes the float image
+    assert "BatchNormalization" not in ops and ops.get("Conv", 0) + ops.get("FusedConv", 0) == 1
+    assert ops["Min"] == 19 and "Clip" not in ops  # the staircase's top on the uint8 codes, not in float
+    assert integer["residual"] == "integer" and integer["onnx_ort_enable_basic"]["same_predictions"] >= 0.9
+    floats = export.export(cifar_resnet_run, tmp_path / "f", verify=True, fmt="qdq", residual="float", bench=True)
+    ops = floats["ops_after_ort_enable_all"]
+    assert ops["QLinearConv"] == 9 and "QLinearAdd" not in ops
+    assert floats["onnx_ort_enable_basic"]["same_predictions"] == 1.0
+    assert floats["graph_in_pytorch"]["same_predictions"] == 1.0  # the fold itself changes nothing here
+    exact = export.export(cifar_resnet_run, tmp_path / "e", bench=True)  # the exact graph: float convolutions
+    assert "QLinearConv" not in exact["ops_after_ort_enable_all"]

@@ -5,6 +5,7 @@
                                                           test set and compares with qtrain's own evaluation
     qtrain-export run_dir --format qdq --verify --bench  the integer-kernel (QDQ) graph, its accuracy, and
                                                           images/s beside the float network's
+    qtrain-export run_dir --format qdq --residual float  the same with ResNet's residual adds in float
 
 The model takes the images as the dataset stores them (uint8 [N, C, H, W]) and normalises them inside the
 graph, exactly as qtrain's loader does; ``--input float`` takes the normalised float tensor instead. The
@@ -26,11 +27,17 @@ model.onnx (opset 17), --format exact (the default)
     none of qtrain's code.
 
 model.onnx, --format qdq
-    the form runtimes (ONNX Runtime, TensorRT, OpenVINO) turn into integer kernels: each activation is
-    Clip(x, 0, (2^b - 1.5) alpha) + alpha/2, then QuantizeLinear/DequantizeLinear with scale alpha
-    (uint8): round(x / alpha + 1/2) is ceil(x / alpha) except at the ties x = k alpha, where the round
-    half to even of QuantizeLinear may give k + 1 (the Clip's upper end keeps the top level at 2^b - 1).
-    The weights are int8 initializers with DequantizeLinear, as in the exact graph.
+    the form runtimes (ONNX Runtime, TensorRT, OpenVINO) turn into integer kernels. The ceil staircase
+    becomes a round by shifting half a step: round(x / alpha + 1/2) is ceil(x / alpha) except at the ties
+    x = k alpha, where the round half to even of QuantizeLinear may give k + 1. Before export each batch
+    norm and each half-step is folded into its convolution (int8 codes, one positive scale per output
+    channel, a float bias; qtrain/tools/qdq_fold.py), so each activation is QuantizeLinear(alpha, uint8),
+    Min(codes, 2^b - 1), DequantizeLinear, and onnxruntime replaces DequantizeLinear -> Conv ->
+    QuantizeLinear by integer convolutions (QLinearConv) and ResNet's residual adds by QLinearAdd. A
+    pattern the fold does not know keeps the unfolded form (Clip(x, 0, (2^b - 1.5) alpha) + alpha/2, then
+    QuantizeLinear/DequantizeLinear): the same values, in float kernels. ``--residual float`` keeps the
+    residual adds in float: exact up to the ties, where the integer add rounds the sum once more
+    (docs/EXPORT.md measures both).
 
 --verify runs the ONNX model with onnxruntime on the run's test set and compares its predictions
 with qtrain's evaluation of the checkpoint, at ORT_ENABLE_BASIC (identical on every sample in our
@@ -42,10 +49,12 @@ differed in docs/EXPORT.md's example).
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import json
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -59,6 +68,7 @@ from qtrain.keys import short_name
 from qtrain.quant.act import QuantReLU
 from qtrain.quant.weight import make_code_quantizer
 from qtrain.tools.eval import load_run
+from qtrain.tools.qdq_fold import RESIDUAL, Levels, fold_for_integer_kernels
 
 
 class _Dequantize(torch.autograd.Function):
@@ -243,6 +253,22 @@ def input_batches(data, kind: str) -> list:
                                                                                        loader.batch_size)]
 
 
+def optimized_ops(path: Path) -> dict:
+    """How many nodes of each op the graph has after onnxruntime's ORT_ENABLE_ALL optimisation: whether its
+    convolutions became integer kernels (QLinearConv) or stayed float (Conv, FusedConv)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        options.log_severity_level = 3  # (it warns that the saved graph is specific to this machine)
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        ops = collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+    return dict(sorted(ops.items()))
+
+
 def images_per_s(path: Path, batches, rounds: int = 5, threads: int | None = None) -> dict:
     """Inference throughput under ORT_ENABLE_ALL over the test batches: the median of ``rounds`` passes."""
     run = session(path, "ORT_ENABLE_ALL", threads)
@@ -261,8 +287,8 @@ def metadata_of(cfg, data, exported: nn.Module, kind: str, fmt: str) -> dict:
     """What whoever receives the file needs to feed it: the input, its normalisation, the classes, and
     each quantized activation's bits and alpha."""
     pre = data.preprocessing if kind == "uint8" else None
-    acts = {n: {"bits": m.top.bit_length() if isinstance(m, QDQStaircase) else m.bits, "alpha": float(m.alpha)}
-            for n, m in exported.named_modules() if isinstance(m, (Staircase, QDQStaircase))}
+    acts = {n: {"bits": m.bits if isinstance(m, Staircase) else m.top.bit_length(), "alpha": float(m.alpha)}
+            for n, m in exported.named_modules() if isinstance(m, (Staircase, QDQStaircase, Levels))}
     return {"qtrain.format": fmt, "qtrain.input": json.dumps(
                 {"dtype": kind, "layout": "NCHW", "shape": ["N", *data.input_shape]} if kind == "uint8" else
                 {"dtype": "float32", "layout": "NCHW", "shape": ["N", *data.input_shape],
@@ -273,7 +299,7 @@ def metadata_of(cfg, data, exported: nn.Module, kind: str, fmt: str) -> dict:
 
 
 def export(path: Path, out: Path | None = None, data_root: str | None = None, verify: bool = False,
-           kind: str = "uint8", fmt: str = "exact", bench: bool = False) -> dict:
+           kind: str = "uint8", fmt: str = "exact", bench: bool = False, residual: str = "integer") -> dict:
     try:  # the export extra: safetensors, onnx, onnxruntime (imported only by qtrain-export)
         import onnx  # noqa: F401
         from safetensors.torch import save_file
@@ -286,6 +312,8 @@ def export(path: Path, out: Path | None = None, data_root: str | None = None, ve
     out = Path(out) if out else ckpt.parent.parent / "export"
     out.mkdir(parents=True, exist_ok=True)
     exported, tensors, meta = export_model(model, cfg, names, fmt)
+    if fmt == "qdq":  # batch norm and the half-step into the convolutions: what the runtime fuses (qdq_fold.py)
+        exported = fold_for_integer_kernels(exported, QuantizedWeight, QDQStaircase, residual)
     graph = exported
     if kind == "uint8":  # the normalisation inside the graph: images in as the dataset stores them
         pre = data.preprocessing
@@ -297,27 +325,35 @@ def export(path: Path, out: Path | None = None, data_root: str | None = None, ve
                props)
     report = {"checkpoint": str(ckpt), "safetensors": str(out / "model.safetensors"), "onnx": str(out / "model.onnx"),
               "format": fmt, "input": kind, "quantized_layers": len(names),
+              **({"residual": residual} if fmt == "qdq" else {}),
               "metadata": {k: (json.loads(v) if v.startswith(("{", "[")) else v) for k, v in props.items()}}
     if verify or bench:
         batches = input_batches(data, kind)
     if verify:
-        report.update(_verify(out / "model.onnx", model, method, data, batches))
+        report.update(_verify(out / "model.onnx", model, method, data, batches, graph))
     if bench:
         float_path = out / "float_network.onnx"
         write_onnx(float_network(model), data.input_shape, float_path)
         floats = input_batches(data, "float")
         report["images_per_s_ort_enable_all"] = {"float network (latent weights, ReLU)": images_per_s(float_path, floats),
                                                 f"{fmt} graph": images_per_s(out / "model.onnx", batches)}
+        report["ops_after_ort_enable_all"] = optimized_ops(out / "model.onnx")
     (out / "export.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
-def _verify(path: Path, model: nn.Module, method, data, batches) -> dict:
-    """onnxruntime's predictions on the test set beside qtrain's evaluation of the checkpoint."""
+def _verify(path: Path, model: nn.Module, method, data, batches, graph: nn.Module) -> dict:
+    """onnxruntime's predictions on the test set beside qtrain's evaluation of the checkpoint, and those of
+    the exported graph run in PyTorch: which differences the graph makes (the QDQ ties, the folded residual
+    adds' rounding) and which the runtime adds (its summation order, its int32 bias)."""
     labels = torch.cat([y for _, y in data.test])
     with method.evaluations()[0][1]:  # qtrain's own evaluation: Q(w) installed, as the run's test/acc
         ours = qtrain_predictions(model, (x for x, _ in data.test))
     report = {"test_samples": len(labels), "qtrain_test_acc": 100 * int((ours == labels).sum()) / len(labels)}
+    with torch.no_grad():
+        in_torch = torch.cat([graph(torch.from_numpy(x)).argmax(1) for x in batches])
+    report["graph_in_pytorch"] = {"same_predictions": int((ours == in_torch).sum()) / len(labels),
+                                  "test_acc": 100 * int((in_torch == labels).sum()) / len(labels)}
     # ORT_ENABLE_ALL adds layout transforms and fusions that sum the convolutions in another order;
     # a last-bit difference can move an activation across a staircase step, so both are reported
     for level in ("ORT_ENABLE_BASIC", "ORT_ENABLE_ALL"):
@@ -341,12 +377,19 @@ def main(argv=None) -> None:
     p.add_argument("--format", choices=["exact", "qdq"], default="exact",
                    help="exact: the ceil staircase op for op (default); qdq: QuantizeLinear/DequantizeLinear, the "
                         "form runtimes run on integer kernels")
+    p.add_argument("--residual", choices=RESIDUAL, default=None,
+                   help="with --format qdq, a residual add before a staircase: integer (default; the add and the "
+                        "convolution before it run on integer kernels, the sum is rounded once more) or float "
+                        "(exact up to the ties, that convolution in float)")
     p.add_argument("--bench", action="store_true",
                    help="images/s under onnxruntime (ORT_ENABLE_ALL, median of 5 passes over the test set) of "
                         "this graph and of the float network")
     args = p.parse_args(argv)
+    if args.residual is not None and args.format != "qdq":
+        p.error("--residual applies to --format qdq only (the exact graph has no integer adds)")
     try:
-        report = export(args.path, args.out, args.data_root, args.verify, args.input, args.format, args.bench)
+        report = export(args.path, args.out, args.data_root, args.verify, args.input, args.format, args.bench,
+                        args.residual or "integer")
     except QtrainError as e:
         print(f"qtrain-export: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
