@@ -182,6 +182,47 @@ def test_batch_norm_folds_into_the_quantized_convolution_with_positive_per_chann
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+class _ResidualBlock(torch.nn.Module):
+    """staircase -> quantized conv -> + the staircase's output -> staircase: one ResNet block, two alphas."""
+
+    def __init__(self, alpha_in: float, alpha_out: float, bits_out: int = 4):
+        super().__init__()
+        conv = torch.nn.Conv2d(3, 3, 3, padding=1)  # (a bias: sums of levels x codes exactly on a step are ties)
+        self.act_in = export.QDQStaircase(4, alpha_in)
+        self.conv = export.QuantizedWeight(conv, torch.randint(-1, 2, conv.weight.shape).to(torch.int8),
+                                           torch.tensor(0.37))
+        self.act_out = export.QDQStaircase(bits_out, alpha_out)
+
+    def forward(self, x):
+        s = self.act_in(x)
+        return self.act_out(self.conv(s) + s)
+
+
+@pytest.mark.parametrize("alpha_in, alpha_out, bits_out, integer", [
+    (0.5, 0.5, 4, True),     # the same grid: the convolution's output quantized at alpha
+    (0.45, 0.5, 4, True),    # on alpha / 8, which reaches the shortcut's top 15 x 0.45
+    (0.8, 0.5, 4, True),     # on 15 x 0.8 / 128, coarser than alpha / 8 so that it reaches 15 x 0.8
+    (2.0, 0.1, 4, False),    # the shortcut's levels reach 30, alpha / 8 codes only -1.6: no integer add
+    (0.05, 0.05, 8, False),  # 255 levels do not fit 127 int8 steps of alpha
+])
+def test_an_integer_residual_add_only_where_its_int8_codes_cannot_saturate(alpha_in, alpha_out, bits_out, integer):
+    from qtrain.tools.qdq_fold import Grid, Levels, fold_for_integer_kernels
+
+    torch.manual_seed(0)
+    block = _ResidualBlock(alpha_in, alpha_out, bits_out).eval()
+    folded = fold_for_integer_kernels(block, export.QuantizedWeight, export.QDQStaircase)
+    x = torch.randn(16, 3, 8, 8) * 4 * alpha_in * 2**4  # over the staircase: its output reaches far below zero
+    with torch.no_grad():
+        want, got = block(x), folded(x)
+    kinds = [type(m) for m in folded.modules()]
+    assert (Grid in kinds) == integer and (Levels in kinds) == integer
+    steps = ((got - want) / alpha_out).abs()
+    if integer and alpha_in != alpha_out:  # the sum rounded once more: one step, rarely
+        assert steps.max() <= 1 and (steps > 0.5).float().mean() < 0.05
+    else:  # the same up to the ties
+        assert (steps > 0.5).float().mean() < 1e-3
+
+
 @pytest.fixture
 def cifar_resnet_run(tmp_path, fake_cifar_root):
     """A ResNet-20, binary weights, 4-bit activations with learned alpha (a different alpha in each block, so
@@ -196,6 +237,9 @@ def test_the_qdq_export_runs_on_integer_convolutions_and_residual_float_is_exact
     float, and the predictions are qtrain's."""
     integer = export.export(cifar_resnet_run, tmp_path / "i", verify=True, fmt="qdq", bench=True)
     ops = integer["ops_after_ort_enable_all"]
+    speeds = integer["images_per_s_ort_enable_all"]
+    assert list(speeds) == ["float network (latent weights, ReLU)", "qdq graph"]
+    assert speeds["qdq graph"]["rounds"] == 7 and speeds["qdq graph"]["ratio_to_first"] > 0
     assert ops["QLinearConv"] == 18 and ops["QLinearAdd"] == 9  # 19 convs: the stem takes the float image
     assert "BatchNormalization" not in ops and ops.get("Conv", 0) + ops.get("FusedConv", 0) == 1
     assert ops["Min"] == 19 and "Clip" not in ops  # the staircase's top on the uint8 codes, not in float

@@ -269,18 +269,24 @@ def optimized_ops(path: Path) -> dict:
     return dict(sorted(ops.items()))
 
 
-def images_per_s(path: Path, batches, rounds: int = 5, threads: int | None = None) -> dict:
-    """Inference throughput under ORT_ENABLE_ALL over the test batches: the median of ``rounds`` passes."""
-    run = session(path, "ORT_ENABLE_ALL", threads)
-    n = sum(len(x) for x in batches)
-    run.run(["logits"], {"input": batches[0]})  # warm-up
-    rates = []
+def images_per_s(graphs: dict, rounds: int = 7, threads: int | None = None) -> dict:
+    """Inference throughput under ORT_ENABLE_ALL of each ``name: (path, batches)`` over the test batches, the
+    graphs timed in turn, one pass each per round, so that a slow stretch of a shared machine falls on all of
+    them: per graph the median of ``rounds`` passes, and beside the first graph's the median of the per-round
+    ratios to it."""
+    runs = {name: (session(path, "ORT_ENABLE_ALL", threads), batches) for name, (path, batches) in graphs.items()}
+    rates = {name: [] for name in graphs}
+    for run, batches in runs.values():
+        run.run(["logits"], {"input": batches[0]})  # warm-up
     for _ in range(rounds):
-        t = time.perf_counter()
-        for x in batches:
-            run.run(["logits"], {"input": x})
-        rates.append(n / (time.perf_counter() - t))
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "rounds": rounds}
+        for name, (run, batches) in runs.items():
+            t = time.perf_counter()
+            for x in batches:
+                run.run(["logits"], {"input": x})
+            rates[name].append(sum(len(x) for x in batches) / (time.perf_counter() - t))
+    base = rates[next(iter(graphs))]
+    return {name: {"median": statistics.median(r), "min": min(r), "max": max(r), "rounds": rounds,
+                   "ratio_to_first": statistics.median(x / y for x, y in zip(r, base))} for name, r in rates.items()}
 
 
 def metadata_of(cfg, data, exported: nn.Module, kind: str, fmt: str) -> dict:
@@ -335,8 +341,8 @@ def export(path: Path, out: Path | None = None, data_root: str | None = None, ve
         float_path = out / "float_network.onnx"
         write_onnx(float_network(model), data.input_shape, float_path)
         floats = input_batches(data, "float")
-        report["images_per_s_ort_enable_all"] = {"float network (latent weights, ReLU)": images_per_s(float_path, floats),
-                                                f"{fmt} graph": images_per_s(out / "model.onnx", batches)}
+        report["images_per_s_ort_enable_all"] = images_per_s(
+            {"float network (latent weights, ReLU)": (float_path, floats), f"{fmt} graph": (out / "model.onnx", batches)})
         report["ops_after_ort_enable_all"] = optimized_ops(out / "model.onnx")
     (out / "export.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -382,8 +388,8 @@ def main(argv=None) -> None:
                         "convolution before it run on integer kernels, the sum is rounded once more) or float "
                         "(exact up to the ties, that convolution in float)")
     p.add_argument("--bench", action="store_true",
-                   help="images/s under onnxruntime (ORT_ENABLE_ALL, median of 5 passes over the test set) of "
-                        "this graph and of the float network")
+                   help="images/s under onnxruntime (ORT_ENABLE_ALL, median of 7 passes over the test set) of "
+                        "this graph and of the float network, timed in turn, and the median ratio of the two")
     args = p.parse_args(argv)
     if args.residual is not None and args.format != "qdq":
         p.error("--residual applies to --format qdq only (the exact graph has no integer adds)")

@@ -21,7 +21,9 @@ staircase's half-step shift and its Clip stand there, so this module rewrites th
   (QLinearAdd) of it and the shortcut. Where the shortcut lies on the same grid (its alpha is the
   staircase's) that is exact except at the ties; otherwise the convolution's output is quantized at
   alpha / 8 and the sum rounded once more, which moves an activation by one step when the sum lies within
-  alpha / 16 of a step (docs/EXPORT.md measures how many predictions that changes). With
+  alpha / 16 of a step (docs/EXPORT.md measures how many predictions that changes). Where int8 codes on that
+  grid could saturate where it matters (``residual_step``: 8-bit activations, a shortcut whose levels reach
+  far above the staircase's) or the shortcut is not a staircase's levels, the add keeps the shifted form. With
   ``residual="float"`` the add stays in float instead (exact up to the ties, but that convolution is then
   a float one);
 - **a level-preserving op between a staircase and a convolution** (max pooling, the option-A shortcut's
@@ -159,6 +161,24 @@ _LEVEL_PRESERVING_FUNCTIONS = {operator.getitem, F.pad, torch.flatten, F.max_poo
 _LEVEL_PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
 
 
+def residual_step(alpha: float, top: int, shortcut: nn.Module | None) -> float | None:
+    """The grid of the convolution's output before an integer residual add (int8 codes, zero point 128).
+
+    127 steps must reach the staircase's top, and -128 steps plus the largest shortcut must stay at its
+    bottom, or the codes saturate where it matters. The staircase's own alpha where the shortcut carries
+    levels of it (then the add is exact but for the ties) and it is coarse enough; else alpha / 8, or the
+    finer grid that does not saturate up to alpha / 4 (each rounding moves a level by one step where the sum
+    lies within half a grid step of a step). None, and a float add, beyond that (a shortcut whose levels reach
+    more than about twice as high as this staircase's) or where the shortcut is not a staircase's levels."""
+    if shortcut is None:
+        return None
+    needed = max(top * alpha / 127, shortcut.top * float(shortcut.alpha) / 128)
+    if float(shortcut.alpha) == alpha and alpha >= needed:
+        return alpha
+    step = max(alpha / 8, needed)
+    return step if step <= alpha / 4 else None
+
+
 class _Tracer(fx.Tracer):
     def __init__(self, leaves: tuple):
         super().__init__()
@@ -261,11 +281,14 @@ class _Rewrite:
             layer = self.layer(a) if isinstance(a, fx.Node) else None
             if layer is None or not isinstance(b, fx.Node):
                 return  # keep the shifted form
+            shortcut = self.staircase_of(b)
+            step = residual_step(alpha, st.top, shortcut)
+            if step is None:
+                return  # keep the shifted form: the int8 codes could not hold the convolution's output
             layer.bias += alpha / 2
-            shortcut = self.grid_of(b)
-            self.insert_after(a, Grid(alpha if shortcut == alpha else alpha / 8, zero_point=128))
-            if shortcut is not None and not self.quantized_output(b):
-                self.insert_after(b, Grid(shortcut))  # (the add's other input must come from a DequantizeLinear)
+            self.insert_after(a, Grid(step, zero_point=128))
+            if not self.quantized_output(b):
+                self.insert_after(b, Grid(float(shortcut.alpha)))  # (QLinearAdd takes it from a DequantizeLinear)
         else:
             return
         self.gm.add_submodule(node.target, Levels(bits, alpha))
