@@ -276,10 +276,12 @@ class _Rewrite:
         elif (src.op == "call_function" and src.target in (operator.add, torch.add) and len(src.users) == 1
               and self.residual == "integer"):
             a, b = src.args[:2]
+            if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+                return  # (x + a constant: keep the shifted form)
             if self.layer(a) is None:
                 a, b = b, a
-            layer = self.layer(a) if isinstance(a, fx.Node) else None
-            if layer is None or not isinstance(b, fx.Node):
+            layer = self.layer(a)
+            if layer is None:
                 return  # keep the shifted form
             shortcut = self.staircase_of(b)
             step = residual_step(alpha, st.top, shortcut)
