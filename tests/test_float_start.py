@@ -84,7 +84,7 @@ def test_a_cell_records_which_float_start_it_came_from(make_cfg, mnist_root, tmp
     assert [r["config"]["seed"] for r in results] == [0, 1]
 
 
-def _cell(root, name, acc, float_start=None, scale=0.1, init="float"):
+def _cell(root, name, acc, float_start=None, scale=0.1, init="float", seed=0):
     d = root / name
     d.mkdir(parents=True)
     (d / "metrics.jsonl").write_text(json.dumps({"epoch": 20, "test/acc": acc, "train/loss": 0.3}) + "\n")
@@ -92,7 +92,7 @@ def _cell(root, name, acc, float_start=None, scale=0.1, init="float"):
               "epochs": 20, "schedule_scale": scale, "unscaled_epochs": 200, "data_limited": False,
               "device": "cpu (x86_64, 1 threads)", "wall_time_s": 3600.0, "train_images_per_s": 200.0,
               "choices": {"experiment": "ste/cifar10_resnet20_a4_clipped_relu"},
-              "config": {"seed": 0, "init": init}, "init": "outputs/cifar/float/cifar10_resnet20_s0_x/checkpoints/last.pt"}
+              "config": {"seed": seed, "init": init}, "init": "outputs/cifar/float/cifar10_resnet20_s0_x/checkpoints/last.pt"}
     if float_start:
         result["float_start"] = float_start
     (d / "result.json").write_text(json.dumps(result))
@@ -122,3 +122,21 @@ def test_the_report_keeps_cells_from_a_full_recipe_float_start_in_their_own_tabl
     assert report.float_start_text([None]) == "—"  # a cell that did not start from the float model
     two_seeds = [{"schedule_scale": 0.1, "epochs": 20, "unscaled_epochs": 200, "final_test_acc": a} for a in (84.42, 85.24)]
     assert report.float_start_text(two_seeds) == "1/10 (20 of 200 epochs): 84.42, 85.24"
+
+
+def test_the_report_shows_how_the_gap_closes_with_the_quantized_schedule(tmp_path):
+    full = {"run_dir": "outputs/cifar_full/float/cifar10_resnet20_s0_y", "epochs": 200, "schedule_scale": 1,
+            "unscaled_epochs": 200, "final_test_acc": 91.5, "best_test_acc": 91.7}
+    _cell(tmp_path, "full/runs/a/s0_1", 89.0, float_start=full)
+    _cell(tmp_path, "full/runs/a/s1_1", 89.5, float_start=full, seed=1)
+    _cell(tmp_path, "full/runs/a/s0_2", 90.8, float_start=full, scale=0.25)
+    text = report.report([tmp_path])
+    head = "### [STE] Table 1, from a full-recipe float start: the gap to the paper against the quantized schedule"
+    assert head in text
+    table = text.split(head)[1].split("###")[0]
+    assert "| ours at 1/10: final acc, Δ paper | ours at 1/4: final acc, Δ paper |" in table
+    (row,) = [line for line in table.splitlines() if line.startswith("| ste/cifar10_resnet20_a4_clipped_relu |")]
+    assert row == ("| ste/cifar10_resnet20_a4_clipped_relu | 91.24 | 89.25 ± 0.35 (n=2), -1.99 | "
+                   "90.80 (n=1), -0.44 |")
+    _cell(tmp_path / "one", "runs/a/s0_1", 89.0, float_start=full)  # one schedule only: no such table
+    assert "against the quantized schedule" not in report.report([tmp_path / "one"])

@@ -412,6 +412,37 @@ def per_epoch_tables(runs: list[dict], papers: dict[str, dict]) -> list[str]:
     return out
 
 
+def schedule_gap_tables(runs: list[dict], papers: dict[str, dict]) -> list[str]:
+    """Where a cell ran from the same float start at several quantized schedules (part 10: 1/10 and 1/4 from
+    the full-recipe float ResNet-20), how its gap to the paper closes with the schedule: one table per paper
+    table and float start, a row per cell, a column per schedule (final test accuracy, mean over seeds)."""
+    cells = defaultdict(lambda: defaultdict(list))  # (paper table, float scale, experiment) -> scale -> accs
+    for run in runs:
+        exp, fscale = experiment_of(run), float_scale_of(run, runs)
+        if (is_reproduction(run) and exp in papers and fscale is not None and not variant_of(run)
+                and not source_label(run, runs)):
+            cells[(papers[exp]["table"], fscale, exp)][scale_of(run["result"])].append(run["result"]["final_test_acc"])
+    tables = defaultdict(list)
+    for (table, fscale, exp), by_scale in sorted(cells.items()):
+        if len(by_scale) > 1:
+            tables[(table, fscale)].append((exp, by_scale))
+    out = []
+    for (table, fscale), rows in tables.items():
+        scales = sorted({s for _, by_scale in rows for s in by_scale})
+        start = "a full-recipe" if fscale == 1 else f"a {scale_text(fscale)}-recipe"
+        out += [f"### {table}, from {start} float start: the gap to the paper against the quantized schedule", "",
+                "| experiment | paper acc | " + " | ".join(f"ours at {scale_text(s)}: final acc, Δ paper"
+                                                         for s in scales) + " |",
+                "|---|---|" + "---|" * len(scales)]
+        for exp, by_scale in rows:
+            ref = papers[exp].get("acc")
+            cols = [f"{mean_std(by_scale[s])}, {statistics.mean(by_scale[s]) - ref:+.2f}" if s in by_scale and ref
+                    is not None else (mean_std(by_scale[s]) if s in by_scale else "—") for s in scales]
+            out.append(f"| {exp} | {fmt(ref) if ref is not None else '—'} | " + " | ".join(cols) + " |")
+        out.append("")
+    return out
+
+
 def report(paths: list[Path]) -> str:
     runs = read_runs(paths)
     papers = paper_experiments()
@@ -419,6 +450,7 @@ def report(paths: list[Path]) -> str:
     out = []
     for name in sorted(tables):
         out += [f"### {name}", "", HEADER, *tables[name], ""]
+    out += schedule_gap_tables(runs, papers)
     out += per_epoch_tables(runs, papers)
     floats = float_rows(runs)
     if floats:
