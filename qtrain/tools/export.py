@@ -39,11 +39,11 @@ model.onnx, --format qdq
     residual adds in float: exact up to the ties, where the integer add rounds the sum once more
     (docs/EXPORT.md measures both).
 
---verify runs the ONNX model with onnxruntime on the run's test set and compares its predictions
-with qtrain's evaluation of the checkpoint, at ORT_ENABLE_BASIC (identical on every sample in our
-tests) and ORT_ENABLE_ALL (whose fused, re-laid-out convolutions round differently in the last
-bit: an activation then sometimes lands on the neighbouring step; 11 of 10,000 MNIST predictions
-differed in docs/EXPORT.md's example).
+--verify runs the ONNX model on the run's test set and compares its predictions with qtrain's
+evaluation of the checkpoint: the exported graph in PyTorch (what the graph's own rounding changes),
+and onnxruntime at ORT_ENABLE_BASIC and ORT_ENABLE_ALL (what the runtime adds: convolutions that sum
+in another order, the integer kernels' int32 bias; an activation then sometimes lands on the
+neighbouring step). docs/EXPORT.md gives the measured agreement of each format.
 """
 
 from __future__ import annotations
