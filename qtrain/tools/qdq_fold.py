@@ -21,9 +21,10 @@ staircase's half-step shift and its Clip stand there, so this module rewrites th
   (QLinearAdd) of it and the shortcut. Where the shortcut lies on the same grid (its alpha is the
   staircase's) that is exact except at the ties; otherwise the convolution's output is quantized at
   alpha / 8 and the sum rounded once more, which moves an activation by one step when the sum lies within
-  alpha / 16 of a step (docs/EXPORT.md measures how many predictions that changes). Where int8 codes on that
-  grid could saturate where it matters (``residual_step``: 8-bit activations, a shortcut whose levels reach
-  far above the staircase's) or the shortcut is not a staircase's levels, the add keeps the shifted form. With
+  alpha / 16 of a step (docs/EXPORT.md measures how many predictions that changes). Where int8 codes on
+  alpha / 8 would saturate where it matters, ``residual_step`` takes the coarser grid that does not, up to
+  alpha / 4; beyond that (8-bit activations, a shortcut whose levels reach more than about twice as high as
+  the staircase's), or where the shortcut is not a staircase's levels, the add keeps the shifted form. With
   ``residual="float"`` the add stays in float instead (exact up to the ties, but that convolution is then
   a float one);
 - **a level-preserving op between a staircase and a convolution** (max pooling, the option-A shortcut's
