@@ -92,9 +92,10 @@ class FoldedWeight(nn.Module):
 
         The integer convolution adds the bias in units of (input scale x weight scale), so the runtime rounds
         the bias to that grid, and where the sum of integer products sits next to a step an activation moves
-        (with m = 1 the LeNet-5 of tests/test_export.py agrees with qtrain on fewer than 99 % of its predictions). m = 127 // max|codes| while the input
-        codes stay below 128; with 8-bit inputs 63 // max|codes|, so that a pair of products stays inside
-        int16 (the u8 x s8 kernels of CPUs without VNNI saturate there: onnxruntime's reduce_range)."""
+        (with m = 1 the LeNet-5 of tests/test_export.py agrees with qtrain on fewer than 99 % of its
+        predictions). m = 127 // max|codes| while the input codes stay below 128; with 8-bit inputs
+        63 // max|codes|, so that a pair of products stays inside int16 (the u8 x s8 kernels of CPUs without
+        VNNI saturate there: onnxruntime's reduce_range)."""
         limit = 127 if input_top is not None and input_top < 128 else 63
         m = max(1, limit // max(1, int(self.codes.abs().max())))
         self.codes = (self.codes.to(torch.int32) * m).to(torch.int8)
@@ -279,9 +280,10 @@ class _Rewrite:
             a, b = src.args[:2]
             if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
                 return  # (x + a constant: keep the shifted form)
-            if self.layer(a) is None:
-                a, b = b, a
             layer = self.layer(a)
+            if layer is None:  # (the convolution may be either operand)
+                a, b = b, a
+                layer = self.layer(a)
             if layer is None:
                 return  # keep the shifted form
             shortcut = self.staircase_of(b)

@@ -225,11 +225,16 @@ def epochs_text(result: dict) -> str:
     return f"{result['epochs']} (of {result.get('unscaled_epochs', '?')}, scale {result['schedule_scale']:g})"
 
 
+def float_start_name(float_scale: float) -> str:
+    """'a full-recipe' or 'a 1/10-recipe', as in '... from a full-recipe float start'."""
+    return "a full-recipe" if float_scale == 1 else f"a {scale_text(float_scale)}-recipe"
+
+
 def table_name(paper_table: str, scale: float, float_scale: float | None = None) -> str:
     """The table of a cell run at ``scale`` of its schedule, from a float start at ``float_scale``
     (None: no float start, or one at the cell's own scale, as every run before pretrain.schedule_scale)."""
     if float_scale is not None and float_scale != scale:
-        start = "a full-recipe" if float_scale == 1 else f"a {scale_text(float_scale)}-recipe"
+        start = float_start_name(float_scale)
         quantized = ("the quantized phase at the paper's schedule" if scale == 1 else
                      f"the quantized phase at {scale_text(scale)} of the paper's schedule (not a full reproduction)")
         return f"{paper_table}, from {start} float start: {quantized}"
@@ -429,18 +434,23 @@ def schedule_gap_tables(runs: list[dict], papers: dict[str, dict]) -> list[str]:
     out = []
     for (table, fscale), rows in tables.items():
         scales = sorted({s for _, by_scale in rows for s in by_scale})
-        start = "a full-recipe" if fscale == 1 else f"a {scale_text(fscale)}-recipe"
-        out += [f"### {table}, from {start} float start: the gap to the paper against the quantized schedule", "",
+        out += [f"### {table}, from {float_start_name(fscale)} float start: the gap to the paper against the quantized schedule", "",
                 "| experiment | paper acc | " + " | ".join(f"ours at {scale_text(s)}: final acc, Δ paper"
                                                          for s in scales) + " |",
                 "|---|---|" + "---|" * len(scales)]
         for exp, by_scale in rows:
             ref = papers[exp].get("acc")
-            cols = [f"{mean_std(by_scale[s])}, {statistics.mean(by_scale[s]) - ref:+.2f}" if s in by_scale and ref
-                    is not None else (mean_std(by_scale[s]) if s in by_scale else "—") for s in scales]
+            cols = [_gap_cell(by_scale.get(s), ref) for s in scales]
             out.append(f"| {exp} | {fmt(ref) if ref is not None else '—'} | " + " | ".join(cols) + " |")
         out.append("")
     return out
+
+
+def _gap_cell(accs: list[float] | None, ref: float | None) -> str:
+    """'89.25 ± 0.35 (n=2), -1.99': the final accuracies at one schedule and their mean's gap to the paper."""
+    if not accs:
+        return "—"
+    return mean_std(accs) if ref is None else f"{mean_std(accs)}, {statistics.mean(accs) - ref:+.2f}"
 
 
 def report(paths: list[Path]) -> str:
