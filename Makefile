@@ -41,9 +41,15 @@ figures: install
 
 report: install
 	$(VENV)/bin/qtrain-report results/ --write RESULTS.md --plot docs/ste_mnist_curves.png --match ste/mnist
-	$(VENV)/bin/qtrain-report results/ --plot docs/cifar10_resnet20_curves.png --match cifar10_resnet20 \
-		--exclude instability > /dev/null
-	$(VENV)/bin/qtrain-report results/ --plot docs/cifar10_resnet20_instability.png --match a4_instability > /dev/null
+	@# one figure per CIFAR campaign: part 8's (1/10 float start) and part 10's (full-recipe float start)
+	$(VENV)/bin/qtrain-report results/cifar10_resnet20_s01 --plot docs/cifar10_resnet20_curves.png \
+		--match cifar10_resnet20 --exclude instability > /dev/null
+	$(VENV)/bin/qtrain-report results/cifar10_resnet20_s01 --plot docs/cifar10_resnet20_instability.png \
+		--match a4_instability > /dev/null
+	$(VENV)/bin/qtrain-report results/cifar10_resnet20_fullfloat --plot docs/cifar10_resnet20_fullfloat_curves.png \
+		--match cifar10_resnet20 --exclude instability > /dev/null
+	$(VENV)/bin/qtrain-report results/cifar10_resnet20_fullfloat \
+		--plot docs/cifar10_resnet20_fullfloat_instability.png --match a4_instability > /dev/null
 
 bench: install
 	$(VENV)/bin/qtrain-bench $(ARGS)

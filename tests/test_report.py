@@ -169,3 +169,21 @@ def test_float_starting_points_say_which_batch_norm_they_have(tmp_path):
         (d / "result.json").write_text(json.dumps(result))
     floats = report.report([tmp_path]).split("Float starting points")[1].split("###")[0]
     assert "| cifar10 | resnet20 | 0 |" in floats and "| cifar10 | resnet20 (affine BN) | 0 |" in floats
+
+
+def test_curves_from_a_full_recipe_float_start_are_named_apart(tmp_path):
+    """Part 8's cells (float start at the cell's 1/10) and part 10's (float start at the full recipe) share
+    experiment and seed: the plot's legend says which is which, for finished and running runs alike."""
+    exp = "ste/cifar10_resnet20_a4_clipped_relu"
+    for name, float_scale in (("part8", 0.1), ("part10", 1)):
+        d = fake_run(tmp_path, f"{name}/runs/cell/s0_1", 0, 84.0, exp=exp)
+        result = json.loads((d / "result.json").read_text())
+        result.update(schedule_scale=0.1, config={"seed": 0, "init": "float"},
+                      float_start={"schedule_scale": float_scale, "epochs": round(200 * float_scale)})
+        (d / "result.json").write_text(json.dumps(result))
+    d = fake_run(tmp_path, "part10/runs/cell/s0_2", 0, 80.0, complete=False)
+    (d / "overrides.yaml").write_text(f"- experiment={exp}\n- schedule_scale=0.1\n- pretrain.schedule_scale=1\n")
+    runs = report.read_runs([tmp_path])
+    names = {str(r["dir"].relative_to(tmp_path)): report.curve_name(r, runs) for r in runs}
+    assert names["part8/runs/cell/s0_1"] == exp
+    assert names["part10/runs/cell/s0_1"] == names["part10/runs/cell/s0_2"] == f"{exp} (from a full-recipe float start)"

@@ -484,6 +484,21 @@ def report(paths: list[Path]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def curve_name(run: dict, runs: list[dict]) -> str:
+    """A plot's name for a run: its table row's (one colour per row), and "from a full-recipe float start"
+    where its float start had another schedule than the cell's own, as the tables keep those apart (a run
+    still training goes by its overrides)."""
+    name = cell_name(experiment_of(run) or run["dir"].name, source_label(run, runs), variant_of(run))
+    if run["result"]:
+        fscale, scale = float_scale_of(run, runs), scale_of(run["result"])
+    else:
+        given, own = override_of(run, "pretrain.schedule_scale"), override_of(run, "schedule_scale")
+        fscale, scale = (None if given is None else float(given)), float(own or 1)
+    if fscale is None or fscale == scale:
+        return name
+    return f"{name} (from {float_start_name(fscale)} float start)"
+
+
 def plot(paths: list[Path], out: Path, match: str | None, exclude: str | None = None) -> int:
     import matplotlib
 
@@ -500,7 +515,7 @@ def plot(paths: list[Path], out: Path, match: str | None, exclude: str | None = 
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2))
 
     def name_of(run):  # one colour per row of the tables (the method folder says br/, bcgd/, ste/)
-        return cell_name(experiment_of(run) or run["dir"].name, source_label(run, every), variant_of(run))
+        return curve_name(run, every)
 
     names = sorted({name_of(r) for r in runs})
     colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
