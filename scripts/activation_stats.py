@@ -35,9 +35,6 @@ import torch
 
 from qtrain.errors import QtrainError
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
-
-
 def _position(name: str) -> str:
     """'act2' for a block's second activation (after BN + shortcut), else 'act1' (after a BN only)."""
     return "act2" if name.endswith("act2") else "act1"
@@ -58,8 +55,7 @@ class RegionCounter:
         self.handles = []
         for name, m in model.named_modules():
             if isinstance(m, QuantReLU):
-                self.layers[name] = {"bits": m.bits, "alpha": float(m.alpha), "n": 0, "below": 0, "inside": 0,
-                                     "above": 0, "sum": 0.0, "sumsq": 0.0, "levels": [0] * (2**m.bits),
+                self.layers[name] = {"bits": m.bits, "alpha": float(m.alpha), "n": 0, "below": 0, "above": 0, "sum": 0.0, "sumsq": 0.0, "levels": [0] * (2**m.bits),
                                      "channel_below": 0, "channel_above": 0, "channel_n": 0}
                 # a pre-hook sees the input before the fused in-place kernel writes the levels over it
                 self.handles.append(m.register_forward_pre_hook(self._hook(name, m)))
@@ -75,7 +71,6 @@ class RegionCounter:
             s["n"] += x.numel()
             s["below"] += int((x <= 0).sum())
             s["above"] += int((x > top).sum())
-            s["inside"] = s["n"] - s["below"] - s["above"]
             s["sum"] += float(x.sum())
             s["sumsq"] += float((x * x).sum())
             k = torch.ceil(x / alpha) if module.rounding == "ceil" else torch.floor(x / alpha + 0.5)
@@ -97,7 +92,7 @@ class RegionCounter:
             n = s["n"]
             mean = s["sum"] / n
             return {"bits": s["bits"], "alpha": s["alpha"], "top": (2**s["bits"] - 1) * s["alpha"], "elements": n,
-                    "below": s["below"] / n, "inside": s["inside"] / n, "above": s["above"] / n,
+                    "below": s["below"] / n, "inside": (n - s["below"] - s["above"]) / n, "above": s["above"] / n,
                     "mean": mean, "std": max(s["sumsq"] / n - mean * mean, 0.0) ** 0.5,
                     "levels": [c / n for c in s["levels"]], **channels(s)}
 
@@ -115,7 +110,8 @@ class RegionCounter:
             names = [name for name in self.layers if pos == "all" or _position(name) == pos]
             if names:
                 n = sum(self.layers[m]["n"] for m in names)
-                group = {k: sum(self.layers[m][k] for m in names) / n for k in ("below", "inside", "above")}
+                below, above = (sum(self.layers[m][k] for m in names) for k in ("below", "above"))
+                group = {"below": below / n, "inside": (n - below - above) / n, "above": above / n}
                 group["layers"] = len(names)
                 group.update({k: sum(layers[m].get(k, 0) for m in names)
                               for k in ("channels", "channels_off", "channels_saturated")})
@@ -140,48 +136,22 @@ def count_regions(model, batches, device, context, batch_stats: bool = False) ->
     return counter.summary()
 
 
-def _limited(loader, limit):
-    seen = 0
-    for x, y in loader:
-        if limit is not None and seen >= limit:
-            return
-        if limit is not None:
-            x, y = x[: limit - seen], y[: limit - seen]
-        seen += len(y)
-        yield x, y
-
-
 def stats_of_run(path: Path, limit_test: int | None, batch_stats: bool) -> dict:
     from qtrain.tools.eval import load_run
 
-    ckpt, state, cfg, data, model, names, method, task = load_run(path)
+    ckpt, state, cfg, data, model, names, method, task = load_run(path, limit_test=limit_test)
     _, context = method.evaluations()[0]  # the weights the run's test/acc uses (Q(w) where it quantizes)
-    out = count_regions(model, _limited(data.test, limit_test), torch.device("cpu"), context, batch_stats)
+    out = count_regions(model, data.test, torch.device("cpu"), context, batch_stats)
     return {"what": "run", "checkpoint": str(ckpt), "epoch": state.get("epoch"), "ste": cfg.ste.name,
             "abits": cfg.abits, **out}
 
 
 def stats_of_start(overrides: list[str], limit_test: int | None, batch_stats: bool) -> dict:
-    from hydra import compose, initialize_config_dir
+    from qtrain.tools.eval import load_start
 
-    from qtrain.run.build import build, load_init, pick_device
-    from qtrain.run.float_cache import float_run_dir
-    from qtrain.run.float_start import float_config
-    from qtrain.run.resume import fingerprint
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    if cfg.init != "float":
-        raise QtrainError(f"init={cfg.init}: 'start' measures a cell that begins from init=float.")
-    run_dir = float_run_dir(cfg, fingerprint(float_config(cfg)))  # the folder the cell's init=float uses
-    if not (run_dir / "result.json").exists():
-        raise QtrainError(f"{run_dir}: no finished float model for this cell (this script never trains one); "
-                          "check out_dir= and the cell's overrides.")
-    device = pick_device("cpu")
-    built = build(cfg, device)
-    load_init(built.model, str(run_dir / "checkpoints" / "last.pt"))
+    cfg, built, run_dir = load_start(overrides, limit_test)
     _, context = built.method.evaluations()[0]
-    out = count_regions(built.model, _limited(built.data.test, limit_test), device, context, batch_stats)
+    out = count_regions(built.model, built.data.test, torch.device("cpu"), context, batch_stats)
     return {"what": "start", "float_model": str(run_dir), "overrides": overrides, "ste": cfg.ste.name,
             "abits": cfg.abits, **out}
 

@@ -19,33 +19,18 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
 from qtrain.errors import QtrainError
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
-
 
 def quantized_start(overrides: list[str]) -> dict:
-    from qtrain.run.build import build, load_init, pick_device
-    from qtrain.run.float_cache import float_run_dir
-    from qtrain.run.float_start import float_config
-    from qtrain.run.resume import fingerprint
+    from qtrain.run.build import pick_device
+    from qtrain.tools.eval import load_start
     from qtrain.train.loop import evaluate
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    if cfg.init != "float":
-        raise QtrainError(f"init={cfg.init}: this script measures the start of a cell that begins from init=float.")
-    run_dir = float_run_dir(cfg, fingerprint(float_config(cfg)))  # the folder the cell's init=float uses
+    cfg, built, run_dir = load_start(overrides)  # the float model the cell's init=float uses
     ckpt = run_dir / "checkpoints" / "last.pt"
-    if not (run_dir / "result.json").exists():
-        raise QtrainError(f"{run_dir}: no finished float model for this cell. Run the cell (it trains the float model "
-                          "first) or check out_dir= and the cell's overrides.")
-    device = pick_device("cpu")
-    built = build(cfg, device)
-    data, model, method, task = built.data, built.model, built.method, built.task
-    load_init(model, str(ckpt))
+    data, model, method, task, device = built.data, built.model, built.method, built.task, pick_device("cpu")
     name, context = method.evaluations()[0]  # what the run logs as test/acc
     with context:
         quantized = evaluate(model, data.test, task, device)

@@ -17,11 +17,15 @@ import sys
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from qtrain.errors import QtrainError
-from qtrain.keys import current_spelling, short_name
-from qtrain.run.build import build, pick_device
+from qtrain.keys import CONFIG_DIR, current_spelling, short_name
+from qtrain.run.build import build, load_init, pick_device
+from qtrain.run.float_cache import float_run_dir
+from qtrain.run.float_start import float_config
+from qtrain.run.resume import fingerprint
 from qtrain.store import checkpoint
 from qtrain.train.loop import evaluate
 
@@ -54,6 +58,28 @@ def load_run(path: Path, data_root: str | None = None, device: str = "cpu", limi
     data, model, method, task, names = built.data, built.model, built.method, built.task, built.quantized
     model.load_state_dict(state["model"])
     return path, state, cfg, data, model.eval(), names, method, task
+
+
+def load_start(overrides: list[str], limit_test: int | None = None):
+    """(cell config, its built objects with the float weights loaded, the float run's folder) of a cell that
+    starts from init=float: its float model with the cell's quantizers put in, before any quantization-aware
+    training (epoch 0 of the cell's curve). The float model is the one the cell's init=float would use
+    (found by the same fingerprint); it must have finished, as this never trains one."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    if cfg.init != "float":
+        raise QtrainError(f"init={cfg.init}: this measures the start of a cell that begins from init=float.")
+    run_dir = float_run_dir(cfg, fingerprint(float_config(cfg)))  # (before the data limits below change cfg)
+    if not (run_dir / "result.json").exists():
+        raise QtrainError(f"{run_dir}: no finished float model for this cell. Run the cell (it trains the float model "
+                          "first) or check out_dir= and the cell's overrides.")
+    with open_dict(cfg):
+        if limit_test is not None:
+            cfg.data.limit_test = limit_test
+        cfg.data.limit_train = 1  # the training split is not needed
+    built = build(cfg, pick_device("cpu"))
+    load_init(built.model, str(run_dir / "checkpoints" / "last.pt"))
+    return cfg, built, run_dir
 
 
 def evaluate_checkpoint(path: Path, data_root: str | None = None, device: str = "cpu",
