@@ -21,9 +21,11 @@ class _UnitAffine:
 
     def forward(self, x):
         self._check_input_dim(x)
+        momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
-        momentum = 0.0 if self.momentum is None else self.momentum  # (cumulative averaging is not used here)
+            if self.momentum is None:  # a cumulative average over the batches so far, as nn.BatchNorm's
+                momentum = 1.0 / float(self.num_batches_tracked)
         return F.batch_norm(x, self.running_mean, self.running_var, self.unit_scale, self.unit_shift,
                             self.training or not self.track_running_stats, momentum, self.eps)
 
