@@ -195,13 +195,15 @@ def main(argv=None) -> None:
                    help="the step lengths probed (Euclidean norm of the weight change)")
     p.add_argument("--json", type=Path, help="also append the result here, one JSON object per line")
     a = p.parse_args(argv)
+    if a.batches < 2:
+        print(f"coarse_gradient_probe: error: --batches {a.batches}: at least 2 (the gradient set is split in two "
+              "halves).", file=sys.stderr)
+        sys.exit(QtrainError.exit_code)
     # one at a time, each written as soon as it is measured (a probe takes minutes on a CPU)
     jobs = [lambda path=path: probe_run(Path(path), a.batches, a.step) for path in a.args] if a.what == "run" \
         else [lambda: probe_start(a.args, a.batches, a.step)]
     for job in jobs:
         try:
-            if a.batches < 2:
-                raise QtrainError(f"--batches {a.batches}: at least 2 (the gradient set is split in two halves).")
             r = job()
         except QtrainError as e:
             print(f"coarse_gradient_probe: error: {e}", file=sys.stderr)

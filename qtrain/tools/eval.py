@@ -10,8 +10,8 @@ as the run's own `test/acc`. Useful to check a shared or exported model, or a ch
 another machine (``--data-root``, ``--device``).
 
 ``--bn-reestimate N`` measures how much of a run's test accuracy its batch norms' running statistics
-cost: they are averages over the last training steps, taken at weights that kept moving (the weights of
-methods that flip signs or levels every step: BinaryRelax's and BCGD's Q(w)). The statistics are
+cost: they are averages over the last training steps, taken at weights that kept moving (where a method
+keeps flipping quantized weights, as BinaryRelax's phase II does, they may no longer fit). The statistics are
 recomputed as plain averages over N training batches (the run's own batches and augmentation, epoch 0's
 order) at the evaluated weights Q(w), then the test set is evaluated; the number without re-estimation
 is given beside it. Nothing is saved: the checkpoint is not changed.
@@ -20,7 +20,6 @@ is given beside it. Nothing is saved: the checkpoint is not changed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import sys
@@ -37,7 +36,7 @@ from qtrain.run.float_cache import float_run_dir
 from qtrain.run.float_start import float_config
 from qtrain.run.resume import fingerprint
 from qtrain.store import checkpoint
-from qtrain.train.loop import evaluate
+from qtrain.train.loop import amp_context, evaluate
 
 
 def load_run(path: Path, data_root: str | None = None, device: str = "cpu", limit_test: int | None = None,
@@ -113,7 +112,7 @@ def reestimate_batch_norm(model: torch.nn.Module, batches, amp_dtype=None) -> in
     try:
         model.train()
         for x, _ in batches:
-            with contextlib.nullcontext() if amp_dtype is None else torch.autocast(x.device.type, amp_dtype):
+            with amp_context(x.device, amp_dtype):
                 model(x)
             n += 1
     finally:
@@ -133,8 +132,8 @@ def evaluate_checkpoint(path: Path, data_root: str | None = None, device: str = 
     path, state, cfg, data, model, names, method, task = load_run(path, data_root, device, limit_test,
                                                                   limit_train=limit_train)
     dev = pick_device(device)
-    amp = torch.bfloat16 if cfg.precision == "bf16" else None
     name, context = method.evaluations()[0]  # the hard-quantized weights Q(w)
+    amp = torch.bfloat16 if cfg.precision == "bf16" else None
     with context:
         result = evaluate(model, data.test, task, dev, amp)
     out = {"checkpoint": str(path), "epoch": state.get("epoch"), "test_acc": result["acc"],

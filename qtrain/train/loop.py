@@ -27,7 +27,8 @@ from qtrain.train.tasks import Classification, Regression
 log = logging.getLogger("qtrain")
 
 
-def _autocast(device: torch.device, dtype):
+def amp_context(device: torch.device, dtype):
+    """torch.autocast for ``dtype`` (bf16 runs), or nothing when dtype is None."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -171,7 +172,7 @@ def train_one_epoch(t: Training, loader, *, bar=None, totals=None, watch=None, s
     step_scheduler = t.scheduler if t.sched_interval == "step" else None
     for x, y in loader:
         t.method.prepare_forward()
-        with _autocast(t.device, t.amp_dtype):
+        with amp_context(t.device, t.amp_dtype):
             out = t.model(x)
             loss = t.task.loss(out, y)
         t.optimizer.zero_grad(set_to_none=True)
@@ -227,7 +228,7 @@ def evaluate(model, loader, task, device, amp_dtype=None, bar=None, ranks=SINGLE
     correct_sum = torch.zeros((), device=device, dtype=torch.long)
     n = 0
     for x, y in loader:
-        with _autocast(device, amp_dtype):
+        with amp_context(device, amp_dtype):
             out = model(x)
             loss_sum += task.loss(out, y).double() * len(y)
         correct = task.correct(out, y)
