@@ -131,6 +131,33 @@ def test_runs_started_from_another_run_are_kept_apart_and_shown_per_epoch(tmp_pa
     assert report.plot([tmp_path], tmp_path / "none.png", "vgg11") == 0 and not (tmp_path / "none.png").exists()
 
 
+def test_runs_from_differently_trained_cells_get_tables_of_their_own(tmp_path):
+    """Part 8's and part 10's a4 clipped_relu cells share a name but not their training (a 1/10-recipe and a
+    full-recipe float start): the §4.2 runs from them are two tables, never one mean over two 'seeds'."""
+    exp = "ste/cifar10_resnet20_a4_instability"
+    for i, (fscale, acc) in enumerate([(0.1, 70.0), (1.0, 88.0)]):
+        src = fake_run(tmp_path, f"runs/cifar10_resnet20_float_wfa4_clipped_relu/s0_{i}", 0, 84.0 + i,
+                       exp="ste/cifar10_resnet20_a4_clipped_relu")
+        result = json.loads((src / "result.json").read_text())
+        result.update(schedule_scale=0.1, unscaled_epochs=200, config={"seed": 0, "init": "float"},
+                      float_start={"schedule_scale": fscale, "epochs": round(200 * fscale), "final_test_acc": 90.0})
+        (src / "result.json").write_text(json.dumps(result))
+        d = fake_run(tmp_path, f"runs/cifar10_resnet20_float_wfa4_identity/s0_{i + 5}", 0, acc, exp=exp)
+        result = json.loads((d / "result.json").read_text())
+        result["config"]["init"] = f"outputs/x/runs/cifar10_resnet20_float_wfa4_clipped_relu/s0_{i}/checkpoints/last.pt"
+        (d / "result.json").write_text(json.dumps(result))
+    text = report.report([tmp_path])
+    part8 = text.split("### [STE] §4.2 instability, from cells at 1/10 of the schedule\n")[1].split("###")[0]
+    part10 = text.split("### [STE] §4.2 instability, from cells at 1/10 of the schedule (full-recipe float start)\n")[1]
+    assert "70.00 (n=1)" in part8 and "88.00" not in part8
+    assert "88.00 (n=1)" in part10.split("###")[0]
+    assert "### [STE] §4.2 instability\n" not in text  # no table claims the paper's setting
+    # and each per-epoch table names its start's training and begins at that cell's last epoch
+    per_epoch = text.split("### [STE] §4.2 instability, from cells at 1/10 of the schedule (full-recipe float start), "
+                           "per epoch: ")[1].split("###")[0]
+    assert "| 0 (start: cifar10_resnet20_a4_clipped_relu's last epoch) | 0.0500 | 85.00 |" in per_epoch
+
+
 def test_a_running_run_knows_its_start_from_its_overrides(tmp_path):
     """A §4.2 run still training has no result.json: its init= override names its start, so the plot's
     label says 'from <cell>' and its curve begins at that cell's last epoch (epoch 0)."""

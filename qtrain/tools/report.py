@@ -173,6 +173,24 @@ def source_label(run: dict, runs: list[dict]) -> str | None:
     return (experiment_of(src) or src["dir"].name).split("/")[-1]
 
 
+def source_origin(run: dict, runs: list[dict]) -> str:
+    """How the cell a run started from was trained, where that is not the paper's setting: ', from cells at 1/10
+    of the schedule (full-recipe float start)'. Runs from the same cell name but differently trained cells (part 8's
+    and part 10's a4 clipped_relu) are thus never averaged as seeds. '' for a run that started from no run, from one
+    not among ``runs`` or not finished, or from a cell at the paper's schedule from its own float start."""
+    src = source_run(run, runs)
+    if src is None or not src["result"]:
+        return ""
+    scale, fscale = scale_of(src["result"]), float_scale_of(src, runs)
+    other_start = fscale is not None and fscale != scale
+    if scale == 1 and not other_start:
+        return ""
+    text = ", from cells" + (f" at {scale_text(scale)} of the schedule" if scale != 1 else "")
+    if other_start:
+        text += " (full-recipe float start)" if fscale == 1 else f" ({scale_text(fscale)}-recipe float start)"
+    return text
+
+
 def cell_name(exp: str, src: str | None, variant: str) -> str:
     """How tables and legends name a row: 'ste/x', 'ste/x (from <start>)', 'bcgd/y with optim.lr=0.01'."""
     return exp + (f" (from {src})" if src else "") + (f" with {variant}" if variant else "")
@@ -295,7 +313,7 @@ def table_rows(runs: list[dict], papers: dict[str, dict]) -> dict[str, list[str]
         if is_reproduction(run) and experiment_of(run):
             fscale = float_scale_of(run, runs)
             key = (experiment_of(run), scale_of(run["result"]), None if fscale == scale_of(run["result"]) else fscale,
-                   source_label(run, runs) or "", variant_of(run))
+                   source_origin(run, runs), source_label(run, runs) or "", variant_of(run))
             groups[key].append(dict(run["result"], _float_start=float_start_of(run, runs)))
     tables = defaultdict(list)
     for exp, paper in papers.items():
@@ -303,13 +321,14 @@ def table_rows(runs: list[dict], papers: dict[str, dict]) -> dict[str, list[str]
         ref_text = fmt(ref) if ref is not None else (f"band {paper['sanity_band']:.2f}" if paper.get("sanity_band")
                                                       else "—")
         loss_text = loss_fmt(paper.get("loss"))
-        keys = sorted({k[1:] for k in groups if k[0] == exp}, key=lambda k: (-k[0], -(k[1] or 0), k[2], k[3]))
-        if not any(scale == 1 and fscale is None and not variant for scale, fscale, _, variant in keys):
-            keys.insert(0, (1.0, None, "", ""))  # the full-schedule row of the cell as configured says why it was not run
-        for scale, fscale, src, variant in keys:
-            results = groups.get((exp, scale, fscale, src, variant), [])
+        keys = sorted({k[1:] for k in groups if k[0] == exp}, key=lambda k: (-k[0], -(k[1] or 0), *k[2:]))
+        if not any(scale == 1 and fscale is None and not variant for scale, fscale, _, _, variant in keys):
+            keys.insert(0, (1.0, None, "", "", ""))  # the full-schedule row of the cell as configured says why it was not run
+        for scale, fscale, origin, src, variant in keys:
+            results = groups.get((exp, scale, fscale, origin, src, variant), [])
             name = cell_name(exp, src, variant)
-            tables[table_name(paper["table"], scale, fscale)].append(_row(name, ref, ref_text, loss_text, paper, results))
+            table = table_name(paper["table"], scale, fscale) + origin
+            tables[table].append(_row(name, ref, ref_text, loss_text, paper, results))
     return tables
 
 
@@ -392,13 +411,13 @@ def per_epoch_tables(runs: list[dict], papers: dict[str, dict]) -> list[str]:
     """For experiments whose published result is a trend (paper.per_epoch: true, e.g. [STE] §4.2): every
     finished run's training loss and test accuracy per epoch, from the run it started from (epoch 0) on."""
     out = []
-    for run in sorted(runs, key=lambda r: (experiment_of(r) or "", source_label(r, runs) or "")):
+    for run in sorted(runs, key=lambda r: (experiment_of(r) or "", source_origin(r, runs), source_label(r, runs) or "")):
         exp = experiment_of(run)
         if not (is_reproduction(run) and exp in papers and papers[exp].get("per_epoch")):
             continue
         src = source_label(run, runs)
         start = start_row(run, runs)
-        title = f"### {papers[exp]['table']}, per epoch: {cell_name(exp, src, variant_of(run))}"
+        title = f"### {papers[exp]['table']}{source_origin(run, runs)}, per epoch: {cell_name(exp, src, variant_of(run))}"
         out += [title + f" (seed {seed_of(run)})", "",
                 "| epoch | train loss | test acc | test loss | lr |", "|---|---|---|---|---|"]
         rows = ([start] if start else []) + run["rows"]
