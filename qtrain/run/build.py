@@ -147,14 +147,15 @@ def check_init_file(path: str) -> None:
                           f"{INIT_HINT}")
 
 
-def load_init(model, path: str) -> None:
-    """Weights (and batch-norm statistics) from a checkpoint; activation alphas keep their values."""
+def load_init(model, path: str) -> dict | None:
+    """Weights (and batch-norm statistics) from a checkpoint; activation alphas keep their values. Returns the
+    config of the run that wrote the checkpoint (None for a bare state dict)."""
     hint = INIT_HINT
     check_init_file(path)
-    state, why = checkpoint.problem(path)
-    if state is None:
+    full, why = checkpoint.problem(path)
+    if full is None:
         raise ConfigError(f"init={path}: the file is {why}. {hint}")
-    state = state.get("model", state)
+    state = full.get("model", full)
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"init={path} holds no model weights (no 'model' state dict). {hint}")
     try:
@@ -167,3 +168,22 @@ def load_init(model, path: str) -> None:
     if missing or unexpected:
         raise ConfigError(f"init={path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}. "
                           "Start from a checkpoint of the same architecture (model=, model.norm_affine, data=).")
+    config = full.get("config") if "model" in full else None
+    return config if isinstance(config, dict) else None
+
+
+def replayed_draws(cfg, start_config: dict | None) -> str | None:
+    """A warning where a run that starts from another run's checkpoint will see that run's own batches: every
+    epoch's order, crops and flips come from (seed, epoch) alone (qtrain.data.loaders), so with the same seed and
+    data, epoch e replays the start's epoch e, and the start fits some epochs' draws better than others (those it
+    met at a high learning rate). A run that barely moves its weights then logs that pattern as its training loss
+    ([STE] §4.2: steps of a few hundredths at the start's lr milestones). None where the draws differ."""
+    if not start_config or start_config.get("seed") != cfg.seed:
+        return None
+    data = start_config.get("data") or {}
+    if short_name(data) != short_name(cfg.data) or data.get("limit_train") != cfg.data.get("limit_train"):
+        return None
+    return (f"init={cfg.init}: that run had the same seed ({cfg.seed}) and data, so this run sees its batches again, "
+            "epoch by epoch, and its per-epoch training loss carries how well the start fits each epoch's draw. Read "
+            "that loss against the start model's on the same draws (scripts/epoch_draw_loss.py measure <this run's "
+            "overrides> --epochs 1-N), or give another seed= for fresh draws; the test numbers are not affected.")

@@ -25,7 +25,7 @@ from qtrain.errors import ConfigError, Diverged, Interrupted, QtrainError
 from qtrain.keys import short_name
 from qtrain.parallel import launcher
 from qtrain.parallel.ranks import REPEAT_WINDOW_S, Ranks, current_ranks, device_of
-from qtrain.run.build import build, check_init_file, load_init, pick_device, seed_everything
+from qtrain.run.build import build, check_init_file, load_init, pick_device, replayed_draws, seed_everything
 from qtrain.run.float_cache import float_checkpoint, float_start_record
 from qtrain.run.lifecycle import (LogAlsoInto, RunLock, StopSignals, quit_on_signals_outside_training,
                                   remove_stale_temporaries)
@@ -116,7 +116,10 @@ def _train_locked(spec: RunSpec) -> dict:
     cfg, ranks = spec.cfg, spec.ranks
     built = build(cfg, spec.device)
     if spec.init_path:
-        load_init(built.model, spec.init_path)
+        start_config = load_init(built.model, spec.init_path)
+        warning = replayed_draws(cfg, start_config) if cfg.init != "float" else None
+        if warning and ranks.is_main:
+            log.warning("%s", warning)
     summary = model_summary(built.model, built.quantized, cfg.wbits, cfg.abits, built.data.input_shape)
     log.info("model summary\n%s", format_summary(summary))
     start = _restore(spec, built)
