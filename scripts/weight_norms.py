@@ -61,11 +61,14 @@ def weight_change(state: dict, start: dict) -> dict:
         raise QtrainError("the --from checkpoint has other layers or shapes than this one: it is not this run's "
                           "start (give the float model or the cell the run started from).")
     sums: dict[str, list[float]] = {}  # group -> [|w - w0|^2, |w0|^2, <w, w0>, |w|^2]
-    for k, group in [*_group_of(w).items(), *((k, "all") for k in w)]:
-        acc = sums.setdefault(group, [0.0, 0.0, 0.0, 0.0])
-        for i, x in enumerate((float((w[k] - w0[k]).pow(2).sum()), float(w0[k].pow(2).sum()),
-                               float((w[k] * w0[k]).sum()), float(w[k].pow(2).sum()))):
-            acc[i] += x
+    every = [0.0, 0.0, 0.0, 0.0]
+    for k, group in _group_of(w).items():
+        layer = (float((w[k] - w0[k]).pow(2).sum()), float(w0[k].pow(2).sum()), float((w[k] * w0[k]).sum()),
+                 float(w[k].pow(2).sum()))
+        for acc in (sums.setdefault(group, [0.0, 0.0, 0.0, 0.0]), every):
+            for i, x in enumerate(layer):
+                acc[i] += x
+    sums["all"] = every  # last, as in weight_norms
     out = {}
     for group, (d2, n0, dot, n1) in sums.items():
         cos = max(-1.0, min(1.0, dot / max((n0 * n1) ** 0.5, 1e-300)))
@@ -86,13 +89,13 @@ def load_state(path: Path) -> tuple[Path, dict]:
     return ckpt, state
 
 
-def norms_of(path: Path, start: Path | None = None) -> dict:
+def norms_of(path: Path, start: tuple[Path, dict] | None = None) -> dict:
+    """The norms of a checkpoint's weights and, with ``start`` (load_state's result), their change from it."""
     ckpt, state = load_state(path)
     out = {"checkpoint": str(ckpt), "epoch": state.get("epoch"), **weight_norms(state["model"])}
     if start is not None:
-        start_ckpt, start_state = load_state(start)
-        out["from"] = str(start_ckpt)
-        out["change"] = weight_change(state["model"], start_state["model"])
+        out["from"] = str(start[0])
+        out["change"] = weight_change(state["model"], start[1]["model"])
     return out
 
 
@@ -103,21 +106,24 @@ def main(argv=None) -> None:
                    help="also each group's distance and angle from this checkpoint (the run's start)")
     p.add_argument("--json", type=Path, help="also append the results here, one JSON object per line")
     a = p.parse_args(argv)
-    for path in a.paths:
-        try:
-            r = norms_of(path, a.start)
-        except QtrainError as e:
-            print(f"weight_norms: error: {e}", file=sys.stderr)
-            sys.exit(e.exit_code)
-        print(f"{r['checkpoint']} (epoch {r['epoch']}): "
-              + ", ".join(f"{g} {n:.1f}" for g, n in r["groups"].items()))
-        if "change" in r:
-            print(f"  from {r['from']}: " + ", ".join(f"{g} {c['distance']:.3f} ({c['angle_deg']:.1f} deg)"
-                                                     for g, c in r["change"].items()))
-        if a.json:
-            with a.json.open("a") as f:
-                f.write(json.dumps(r) + "\n")
+    try:
+        start = load_state(a.start) if a.start is not None else None  # once, for every path
+        for path in a.paths:
+            report(norms_of(path, start), a.json)
+    except QtrainError as e:
+        print(f"weight_norms: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
+
+def report(r: dict, json_path: Path | None) -> None:
+    """Print one checkpoint's result (as soon as it is measured) and append it to ``json_path``."""
+    print(f"{r['checkpoint']} (epoch {r['epoch']}): " + ", ".join(f"{g} {n:.1f}" for g, n in r["groups"].items()))
+    if "change" in r:
+        print(f"  from {r['from']}: " + ", ".join(f"{g} {c['distance']:.3f} ({c['angle_deg']:.1f} deg)"
+                                                 for g, c in r["change"].items()))
+    if json_path:
+        with json_path.open("a") as f:
+            f.write(json.dumps(r) + "\n")
 
 if __name__ == "__main__":
     main()
